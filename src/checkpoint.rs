@@ -1,0 +1,136 @@
+//! Finding a checkpoint's files: a local folder in the Hub's layout, or a Hub id downloaded
+//! into the standard Hugging Face cache.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+
+/// The files of one PaliGemma checkpoint.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: PathBuf,
+    pub preprocessor: Option<PathBuf>,
+    pub generation_config: Option<PathBuf>,
+}
+
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+
+impl ModelFiles {
+    /// `spec` is a folder, or a Hub id such as `google/paligemma2-3b-mix-224`.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Self::from_dir(path);
+        }
+        if path.exists() {
+            bail!("--model {spec}: expected a checkpoint folder, found a file");
+        }
+        if looks_like_hub_id(spec) {
+            return crate::hub::download(spec);
+        }
+        bail!("--model {spec}: no such folder, and not a Hub id of the form owner/name")
+    }
+
+    /// A folder holding `config.json`, `tokenizer.json`, and `model.safetensors` or a sharded
+    /// `model.safetensors.index.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let need = |name: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                bail!("checkpoint folder {} has no {name}", dir.display())
+            }
+        };
+        let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        let config = need("config.json")?;
+        let tokenizer = need("tokenizer.json")?;
+        let weights = if dir.join(INDEX).is_file() {
+            let shards = crate::weights::WeightStore::shards_from_index(&dir.join(INDEX))?;
+            if let Some(missing) = shards.iter().find(|s| !s.is_file()) {
+                bail!(
+                    "{} lists {}, which does not exist",
+                    dir.join(INDEX).display(),
+                    missing.display()
+                );
+            }
+            shards
+        } else if dir.join(SINGLE).is_file() {
+            vec![dir.join(SINGLE)]
+        } else {
+            bail!(
+                "checkpoint folder {} has neither {SINGLE} nor {INDEX}",
+                dir.display()
+            )
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+            tokenizer,
+            preprocessor: optional("preprocessor_config.json"),
+            generation_config: optional("generation_config.json"),
+        })
+    }
+
+    /// Size of the weight files in bytes, for messages and progress.
+    pub fn weights_bytes(&self) -> u64 {
+        self.weights
+            .iter()
+            .filter_map(|p| p.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+/// `owner/name` with the characters the Hub allows.
+pub fn looks_like_hub_id(spec: &str) -> bool {
+    let mut parts = spec.split('/');
+    let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let ok = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    ok(owner) && ok(name)
+}
+
+/// Reads a whole file, naming it in the error.
+pub fn read_to_string(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_recognised() {
+        assert!(looks_like_hub_id("google/paligemma2-3b-mix-224"));
+        assert!(looks_like_hub_id("google/paligemma-3b-pt-224"));
+        assert!(!looks_like_hub_id("paligemma"));
+        assert!(!looks_like_hub_id("a/b/c"));
+        assert!(!looks_like_hub_id("./x"));
+        assert!(!looks_like_hub_id("../models/x"));
+        assert!(!looks_like_hub_id("/abs/path"));
+    }
+
+    #[test]
+    fn missing_pieces_are_named() {
+        let dir = std::env::temp_dir().join(format!("pg-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = ModelFiles::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        let err = ModelFiles::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

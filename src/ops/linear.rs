@@ -1,0 +1,244 @@
+//! Fully connected layers, `y = x Wᵀ + b`, with `W` stored `[out, in]` as in the checkpoints.
+//!
+//! f32 weights go through candle's GEMM. bf16 weights stay bf16 in memory (borrowed from the
+//! checkpoint's memory map when possible) and are widened to f32 a few rows at a time inside
+//! our own kernel, accumulating in f32: candle's CPU matmul would widen the whole matrix on
+//! every call.
+
+use crate::weights::{Bf16Data, WeightStore, WeightsError};
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// How the decoder's and encoder's matrices are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone)]
+pub enum Weight {
+    F32(Tensor),
+    Bf16(Bf16Data),
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` `[out, in]` and, if `bias`, `{prefix}.bias` `[out]`.
+    pub fn load(
+        store: &WeightStore,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        format: WeightFormat,
+        device: &Device,
+    ) -> std::result::Result<Self, WeightsError> {
+        let name = format!("{prefix}.weight");
+        let shape = [out_features, in_features];
+        let weight = match format {
+            WeightFormat::F32 => Weight::F32(store.f32(&name, &shape, device)?),
+            WeightFormat::Bf16 => Weight::Bf16(store.bf16(&name, &shape)?),
+        };
+        let bias = if bias {
+            Some(store.f32(&format!("{prefix}.bias"), &[out_features], device)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
+    pub fn from_f32(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        Ok(Self {
+            weight: Weight::F32(weight),
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Rows of the weight matrix as f32 `[ids.len(), in]`: a tied embedding's lookup.
+    pub fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.out_features) {
+            candle_core::bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.out_features
+            )
+        }
+        match &self.weight {
+            Weight::F32(w) => {
+                let idx = Tensor::from_slice(ids, ids.len(), device)?;
+                w.index_select(&idx, 0)
+            }
+            Weight::Bf16(w) => {
+                let k = self.in_features;
+                let src = w.as_slice();
+                let mut out = vec![0f32; ids.len() * k];
+                for (dst, &id) in out.chunks_exact_mut(k).zip(ids) {
+                    let id = id as usize;
+                    widen_bf16(&src[id * k..(id + 1) * k], dst);
+                }
+                Tensor::from_vec(out, (ids.len(), k), device)
+            }
+        }
+    }
+
+    /// The dtype values of this weight are rounded to: scale factors that transformers casts
+    /// to the weight dtype must be rounded the same way.
+    pub fn format(&self) -> WeightFormat {
+        match self.weight {
+            Weight::F32(_) => WeightFormat::F32,
+            Weight::Bf16(_) => WeightFormat::Bf16,
+        }
+    }
+
+    /// `x`: `[..., in]` f32 → `[..., out]` f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, self.in_features))?;
+        let y = match &self.weight {
+            Weight::F32(w) => x2.matmul(&w.t()?)?,
+            Weight::Bf16(w) => {
+                let xs = x2.to_dtype(DType::F32)?.contiguous()?;
+                let xv = xs.flatten_all()?.to_vec1::<f32>()?;
+                let yv = matmul_bf16(&xv, rows, self.in_features, w.as_slice(), self.out_features);
+                Tensor::from_vec(yv, (rows, self.out_features), x.device())?
+            }
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("at least one dim") = self.out_features;
+        y.reshape(out_dims)
+    }
+}
+
+/// Multiplies `x` `[m, k]` by the transpose of bf16 `w` `[n, k]`, giving `[m, n]`.
+pub fn matmul_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x has the wrong length");
+    assert_eq!(w.len(), n * k, "w has the wrong length");
+    // Each task widens a block of weight rows once and reuses it for every row of x.
+    const BLOCK: usize = 16;
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let r0 = b * BLOCK;
+            let r1 = (r0 + BLOCK).min(n);
+            let mut wide = vec![0f32; (r1 - r0) * k];
+            widen_bf16(&w[r0 * k..r1 * k], &mut wide);
+            let mut out = vec![0f32; m * (r1 - r0)];
+            for (i, xrow) in x.chunks_exact(k).enumerate() {
+                for (j, wrow) in wide.chunks_exact(k).enumerate() {
+                    out[i * (r1 - r0) + j] = dot(xrow, wrow);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (b, block) in blocks.iter().enumerate() {
+        let r0 = b * BLOCK;
+        let width = block.len() / m.max(1);
+        for i in 0..m {
+            y[i * n + r0..i * n + r0 + width].copy_from_slice(&block[i * width..(i + 1) * width]);
+        }
+    }
+    y
+}
+
+fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((s as u32) << 16);
+    }
+}
+
+/// A dot product with eight independent accumulators, so the compiler can vectorise it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // Safety: the features were just detected.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ar.iter().zip(br) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn bf16_matmul_matches_f64_reference_on_odd_shapes() {
+        let mut seed = 7u64;
+        for &(m, k, n) in &[(1, 1, 1), (1, 37, 5), (3, 64, 17), (7, 100, 33), (2, 9, 40)] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+            let w: Vec<u16> = (0..n * k)
+                .map(|_| half::bf16::from_f32(lcg(&mut seed)).to_bits())
+                .collect();
+            let y = matmul_bf16(&x, m, k, &w, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|t| x[i * k + t] as f64 * half::bf16::from_bits(w[j * k + t]).to_f64())
+                        .sum();
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

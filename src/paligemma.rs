@@ -1,0 +1,149 @@
+//! The whole model: SigLIP → linear projector → Gemma, with image features placed in the
+//! `<image>` slots of the token sequence.
+
+use crate::checkpoint::ModelFiles;
+use crate::config::{GenerationDefaults, PaliGemmaConfig};
+use crate::gemma::Decoder;
+use crate::ops::linear::{Linear, WeightFormat};
+use crate::siglip::VisionTower;
+use crate::weights::WeightStore;
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+
+pub struct PaliGemma {
+    pub config: PaliGemmaConfig,
+    vision: VisionTower,
+    projector: Linear,
+    decoder: Decoder,
+    device: Device,
+}
+
+impl PaliGemma {
+    pub fn load(files: &ModelFiles, format: WeightFormat, device: &Device) -> Result<Self> {
+        let mut config = PaliGemmaConfig::load(&files.config)?;
+        if let Some(gen_cfg) = &files.generation_config
+            && let Some(eos) = GenerationDefaults::load_eos(gen_cfg)?
+            && !eos.is_empty()
+        {
+            config.eos_token_ids = eos;
+        }
+        let store = WeightStore::open(&files.weights)?;
+        Self::from_store(config, &store, format, device)
+    }
+
+    pub fn from_store(
+        config: PaliGemmaConfig,
+        store: &WeightStore,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        let vision = VisionTower::load(store, &config.vision, format, device)?;
+        let projector = Linear::load(
+            store,
+            "multi_modal_projector.linear",
+            config.vision.hidden_size,
+            config.projection_dim,
+            true,
+            format,
+            device,
+        )?;
+        let decoder = Decoder::load(store, &config.text, format, device)?;
+        Ok(Self {
+            config,
+            vision,
+            projector,
+            decoder,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// Pixel values `[n, 3, R, R]` → projected image tokens `[n, (R/14)², text_hidden]`,
+    /// unscaled: the projector's output enters the decoder as it is.
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.vision.forward(pixels)?;
+        Ok(self.projector.forward(&x)?)
+    }
+
+    /// Embeds one sequence `[len, H]`: tokens are looked up and scaled by `sqrt(H)`; the
+    /// `<image>` slots take the rows of `features` `[n_image_tokens, H]` in order.
+    pub fn embed(&self, ids: &[u32], features: Option<&Tensor>) -> Result<Tensor> {
+        let image_id = self.config.image_token_index;
+        let slots = ids.iter().filter(|&&t| t == image_id).count();
+        let available = match features {
+            Some(f) => f.dim(0)?,
+            None => 0,
+        };
+        if slots != available {
+            bail!(
+                "the sequence has {slots} <image> tokens but {available} image feature rows were given"
+            );
+        }
+        let text = self.decoder.embed(ids, &self.device)?;
+        let Some(features) = features.filter(|_| slots > 0) else {
+            return Ok(text);
+        };
+        // Pick each row from [text rows ; image rows]: one gather instead of a scatter.
+        let mut next_image = ids.len() as u32;
+        let pick: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if t == image_id {
+                    next_image += 1;
+                    next_image - 1
+                } else {
+                    i as u32
+                }
+            })
+            .collect();
+        let all = Tensor::cat(&[&text, features], 0)?;
+        let idx = Tensor::from_vec(pick, ids.len(), &self.device)?;
+        Ok(all.index_select(&idx, 0)?)
+    }
+
+    /// Checks pixel values have the shape this checkpoint's vision tower takes.
+    pub fn check_pixels(&self, pixels: &Tensor) -> Result<()> {
+        let r = self.config.vision.image_size;
+        let dims = pixels.dims();
+        if dims.len() != 4 || dims[1..] != [3, r, r] {
+            bail!("pixel values have shape {dims:?}, the model takes [n, 3, {r}, {r}]");
+        }
+        Ok(())
+    }
+
+    /// Image features for every image of every row, computed in one vision batch and split
+    /// back per row as `[images·tokens, H]`.
+    pub fn row_features(&self, pixels_per_row: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let present: Vec<&Tensor> = pixels_per_row.iter().flatten().collect();
+        if present.is_empty() {
+            return Ok(vec![None; pixels_per_row.len()]);
+        }
+        for p in &present {
+            self.check_pixels(p)?;
+        }
+        let all = Tensor::cat(&present, 0).context("stacking images")?;
+        let feats = self.image_features(&all)?;
+        let (_, tokens, h) = feats.dims3()?;
+        let mut out = Vec::with_capacity(pixels_per_row.len());
+        let mut at = 0;
+        for p in pixels_per_row {
+            match p {
+                Some(p) => {
+                    let n = p.dim(0)?;
+                    out.push(Some(feats.narrow(0, at, n)?.reshape((n * tokens, h))?));
+                    at += n;
+                }
+                None => out.push(None),
+            }
+        }
+        Ok(out)
+    }
+}

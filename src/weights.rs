@@ -1,0 +1,355 @@
+//! Checkpoint tensors: memory-mapped safetensors files (one, or sharded with an index), looked
+//! up under one canonical naming whatever layout wrote them.
+//!
+//! Canonical names are the Hub's (`vision_tower.vision_model.*`, `multi_modal_projector.*`,
+//! `language_model.model.*`). transformers 5.x saves the vision tower as `vision_tower.*` and
+//! names modules `model.language_model.*` in memory; both are mapped on open.
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("cannot open weights file {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid safetensors file (truncated or corrupt?): {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("{path}: {msg}")]
+    Index { path: String, msg: String },
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    Missing { name: String },
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor `{name}` has dtype {dtype:?}; only F32, BF16 and F16 weights are supported")]
+    Dtype { name: String, dtype: Dtype },
+    #[error("tensor `{name}`: {source}")]
+    Candle {
+        name: String,
+        source: candle_core::Error,
+    },
+}
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+/// Raw little-endian bf16 values, borrowed from a memory map when the file allows it.
+#[derive(Clone)]
+pub enum Bf16Data {
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned(Arc<Vec<u16>>),
+}
+
+impl Bf16Data {
+    pub fn as_slice(&self) -> &[u16] {
+        match self {
+            Self::Mapped { map, start, len } => {
+                let bytes = &map[*start..*start + 2 * len];
+                // Alignment was checked when the mapping was chosen.
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const u16, *len) }
+            }
+            Self::Owned(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for Bf16Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Mapped { len, .. } => write!(f, "Bf16Data::Mapped({len})"),
+            Self::Owned(v) => write!(f, "Bf16Data::Owned({})", v.len()),
+        }
+    }
+}
+
+pub struct WeightStore {
+    files: Vec<(PathBuf, Arc<Mmap>)>,
+    entries: HashMap<String, Entry>,
+}
+
+impl WeightStore {
+    /// Opens a checkpoint's weight files: either the shards an index lists or plain files.
+    pub fn open(paths: &[PathBuf]) -> Result<Self, WeightsError> {
+        let mut store = WeightStore {
+            files: Vec::new(),
+            entries: HashMap::new(),
+        };
+        for path in paths {
+            store.add_file(path)?;
+        }
+        Ok(store)
+    }
+
+    /// Reads `model.safetensors.index.json` and returns the shard paths it names, in order.
+    pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
+        let shown = index.display().to_string();
+        let err = |msg: String| WeightsError::Index {
+            path: shown.clone(),
+            msg,
+        };
+        let text = std::fs::read_to_string(index).map_err(|source| WeightsError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| err("has no `weight_map` object".into()))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<String> = Vec::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| err(format!("`weight_map.{name}` is not a file name")))?;
+            if !shards.iter().any(|s| s == file) {
+                shards.push(file.to_string());
+            }
+        }
+        shards.sort();
+        Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<(), WeightsError> {
+        let shown = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|source| WeightsError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        // Safety: the file is opened read-only; a concurrent writer is outside our control,
+        // as for every memory-mapped loader.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| WeightsError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| WeightsError::Corrupt {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+        let data_start = 8 + header_len;
+        let index = self.files.len();
+        for (name, info) in metadata.tensors() {
+            let entry = Entry {
+                file: index,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: data_start + info.data_offsets.0,
+                end: data_start + info.data_offsets.1,
+            };
+            if let Some(canonical) = canonical_name(&name) {
+                self.entries.insert(canonical, entry);
+            }
+        }
+        self.files.push((path.to_path_buf(), Arc::new(map)));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
+    }
+
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry, WeightsError> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| WeightsError::Missing {
+                name: name.to_string(),
+            })?;
+        if e.shape != shape {
+            return Err(WeightsError::Shape {
+                name: name.to_string(),
+                found: e.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(e)
+    }
+
+    /// Loads a tensor of the given shape as f32.
+    pub fn f32(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, WeightsError> {
+        let e = self.entry(name, shape)?;
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let values: Vec<f32> = match e.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            dtype => {
+                return Err(WeightsError::Dtype {
+                    name: name.into(),
+                    dtype,
+                });
+            }
+        };
+        Tensor::from_vec(values, shape, device).map_err(|source| WeightsError::Candle {
+            name: name.into(),
+            source,
+        })
+    }
+
+    /// Loads a tensor as bf16 bits: borrowed from the map when the file stores aligned bf16,
+    /// rounded (to nearest even) from f32/f16 otherwise.
+    pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Bf16Data, WeightsError> {
+        let e = self.entry(name, shape)?;
+        let map = &self.files[e.file].1;
+        let bytes = &map[e.start..e.end];
+        let len = shape.iter().product();
+        let owned: Vec<u16> = match e.dtype {
+            Dtype::BF16 if (map.as_ptr() as usize + e.start) % 2 == 0 => {
+                return Ok(Bf16Data::Mapped {
+                    map: map.clone(),
+                    start: e.start,
+                    len,
+                });
+            }
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| {
+                    half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits()
+                })
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| {
+                    let v = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    half::bf16::from_f32(v).to_bits()
+                })
+                .collect(),
+            dtype => {
+                return Err(WeightsError::Dtype {
+                    name: name.into(),
+                    dtype,
+                });
+            }
+        };
+        Ok(Bf16Data::Owned(Arc::new(owned)))
+    }
+
+    /// Loads a tensor in the requested compute dtype (f32 or bf16 as a candle tensor).
+    pub fn tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, WeightsError> {
+        let t = self.f32(name, shape, device)?;
+        if dtype == DType::F32 {
+            return Ok(t);
+        }
+        t.to_dtype(dtype).map_err(|source| WeightsError::Candle {
+            name: name.into(),
+            source,
+        })
+    }
+
+    /// The paths of the files backing this store.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+}
+
+/// Maps a stored tensor name to the Hub layout; `None` for tensors PaliGemma does not use
+/// (the tied `lm_head`, which some exporters write anyway).
+pub fn canonical_name(stored: &str) -> Option<String> {
+    if stored.ends_with("lm_head.weight") {
+        return None;
+    }
+    // In-memory transformers 5.x names (`model.` wrapper).
+    let name = stored.strip_prefix("model.").filter(|rest| {
+        rest.starts_with("language_model.")
+            || rest.starts_with("vision_tower.")
+            || rest.starts_with("multi_modal_projector.")
+    });
+    let name = match name {
+        Some(rest) if rest.starts_with("language_model.") => {
+            format!("language_model.model.{}", &rest["language_model.".len()..])
+        }
+        Some(rest) => rest.to_string(),
+        None => stored.to_string(),
+    };
+    if let Some(rest) = name.strip_prefix("vision_tower.")
+        && !rest.starts_with("vision_model.")
+    {
+        return Some(format!("vision_tower.vision_model.{rest}"));
+    }
+    Some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    #[test]
+    fn every_layout_maps_to_hub_names() {
+        let hub = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight";
+        assert_eq!(canonical_name(hub).unwrap(), hub);
+        assert_eq!(
+            canonical_name("vision_tower.encoder.layers.0.mlp.fc1.weight").unwrap(),
+            hub
+        );
+        assert_eq!(
+            canonical_name("model.vision_tower.encoder.layers.0.mlp.fc1.weight").unwrap(),
+            hub
+        );
+        assert_eq!(
+            canonical_name("model.language_model.layers.3.self_attn.q_proj.weight").unwrap(),
+            "language_model.model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            canonical_name("language_model.model.norm.weight").unwrap(),
+            "language_model.model.norm.weight"
+        );
+        assert_eq!(
+            canonical_name("model.multi_modal_projector.linear.bias").unwrap(),
+            "multi_modal_projector.linear.bias"
+        );
+        assert!(canonical_name("lm_head.weight").is_none());
+        assert!(canonical_name("language_model.lm_head.weight").is_none());
+    }
+}
