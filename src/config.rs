@@ -416,25 +416,25 @@ fn check_shapes(v: &VisionConfig, t: &TextConfig, projection_dim: usize) -> Resu
     if let Some((name, _)) = positive.iter().find(|(_, n)| *n == 0) {
         return Err(format!("`{name}` must be positive"));
     }
-    if v.hidden_size % v.num_attention_heads != 0 {
+    if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
         return Err(format!(
             "vision hidden_size {} is not divisible by its {} heads",
             v.hidden_size, v.num_attention_heads
         ));
     }
-    if v.image_size % v.patch_size != 0 {
+    if !v.image_size.is_multiple_of(v.patch_size) {
         return Err(format!(
             "vision image_size {} is not a multiple of patch_size {}",
             v.image_size, v.patch_size
         ));
     }
-    if t.num_attention_heads % t.num_key_value_heads != 0 {
+    if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
         return Err(format!(
             "text num_attention_heads {} is not a multiple of num_key_value_heads {}",
             t.num_attention_heads, t.num_key_value_heads
         ));
     }
-    if t.head_dim % 2 != 0 {
+    if !t.head_dim.is_multiple_of(2) {
         return Err(format!(
             "text head_dim {} must be even for RoPE",
             t.head_dim

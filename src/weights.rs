@@ -236,7 +236,7 @@ impl WeightStore {
         let bytes = &map[e.start..e.end];
         let len = shape.iter().product();
         let owned: Vec<u16> = match e.dtype {
-            Dtype::BF16 if (map.as_ptr() as usize + e.start) % 2 == 0 => {
+            Dtype::BF16 if (map.as_ptr() as usize + e.start).is_multiple_of(2) => {
                 return Ok(Bf16Data::Mapped {
                     map: map.clone(),
                     start: e.start,

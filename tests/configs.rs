@@ -5,7 +5,9 @@ use std::path::Path;
 
 /// (file, text hidden, layers, heads, kv heads, head_dim, attention scale, image size) as
 /// `PaliGemmaConfig.from_dict` reads them in transformers 5.24.
-const VARIANTS: &[(&str, usize, usize, usize, usize, usize, f64, usize)] = &[
+type Variant = (&'static str, usize, usize, usize, usize, usize, f64, usize);
+
+const VARIANTS: &[Variant] = &[
     ("paligemma-3b-pt-224", 2048, 18, 8, 1, 256, 256.0, 224),
     ("paligemma-3b-pt-448", 2048, 18, 8, 1, 256, 256.0, 448),
     ("paligemma-3b-pt-896", 2048, 18, 8, 1, 256, 256.0, 896),
