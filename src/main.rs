@@ -49,7 +49,7 @@ struct ModelArgs {
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
     /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF); several are placed one after another.
-    #[arg(long = "image", required = true)]
+    #[arg(long = "image")]
     images: Vec<PathBuf>,
 }
 
@@ -58,7 +58,7 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt; repeat it to run several prompts about the same images as one batch.
-    #[arg(long = "prompt", required = true)]
+    #[arg(long = "prompt")]
     prompts: Vec<String>,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -117,6 +117,9 @@ struct Loaded {
 }
 
 fn load(args: &ModelArgs) -> Result<Loaded> {
+    if args.images.is_empty() {
+        bail!("no --image given: PaliGemma needs at least one image");
+    }
     let t0 = Instant::now();
     let files = ModelFiles::resolve(&args.model)?;
     let format = match args.dtype {
@@ -197,6 +200,9 @@ fn strategy(args: &GenerateArgs) -> Result<Strategy> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
+    if args.prompts.is_empty() {
+        bail!("no --prompt given (e.g. --prompt \"caption en\")");
+    }
     let strategy = strategy(&args)?;
     let loaded = load(&args.model)?;
     let cfg = &loaded.model.config;
