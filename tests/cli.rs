@@ -230,6 +230,9 @@ fn bad_inputs_give_one_line_errors() {
     assert!(e.contains("positions"), "{e}");
 }
 
+/// Keeps (with a possibly new dtype and shape) or drops (`None`) each tensor of a checkpoint.
+type Edit<'a> = dyn Fn(&str, Vec<usize>) -> Option<(safetensors::Dtype, Vec<usize>)> + 'a;
+
 #[test]
 fn damaged_checkpoints_give_one_line_errors() {
     let image = fixture("pg1-56").join("image_a.png");
@@ -269,36 +272,35 @@ fn damaged_checkpoints_give_one_line_errors() {
     assert!(e.contains("config.json"), "{e}");
 
     // A checkpoint missing one tensor, and one with a tensor of another shape and dtype.
-    let rewrite =
-        |tag: &str, edit: &dyn Fn(&str, Vec<usize>) -> Option<(safetensors::Dtype, Vec<usize>)>| {
-            let s = Scratch::copy_of("pg1-56", tag);
-            let path = s.path().join("model.safetensors");
-            let bytes = std::fs::read(&path).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-            for (name, view) in st.tensors() {
-                if let Some((dtype, shape)) = edit(&name, view.shape().to_vec()) {
-                    let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-                    let data = if shape == view.shape() && dtype == view.dtype() {
-                        view.data().to_vec()
-                    } else {
-                        vec![0u8; n]
-                    };
-                    tensors.push((name, dtype, shape, data));
-                }
+    let rewrite = |tag: &str, edit: &Edit<'_>| {
+        let s = Scratch::copy_of("pg1-56", tag);
+        let path = s.path().join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, view) in st.tensors() {
+            if let Some((dtype, shape)) = edit(&name, view.shape().to_vec()) {
+                let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+                let data = if shape == view.shape() && dtype == view.dtype() {
+                    view.data().to_vec()
+                } else {
+                    vec![0u8; n]
+                };
+                tensors.push((name, dtype, shape, data));
             }
-            let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-                .iter()
-                .map(|(n, d, s, b)| {
-                    (
-                        n.clone(),
-                        safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-                    )
-                })
-                .collect();
-            safetensors::serialize_to_file(views, None, &path).unwrap();
-            s
-        };
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        s
+    };
     let f32 = safetensors::Dtype::F32;
     let missing = "language_model.model.layers.1.mlp.down_proj.weight";
     let s = rewrite("missing", &|n, shape| {
