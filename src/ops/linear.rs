@@ -137,6 +137,18 @@ impl Linear {
 pub fn matmul_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x has the wrong length");
     assert_eq!(w.len(), n * k, "w has the wrong length");
+    // Few rows (decoding): memory-bound, so stream the weights once through dot products.
+    // Many rows (prefill, vision): compute-bound, so widen slabs of weights and use a GEMM.
+    if m < GEMM_MIN_ROWS {
+        gemv_bf16(x, m, k, w, n)
+    } else {
+        gemm_bf16(x, m, k, w, n)
+    }
+}
+
+const GEMM_MIN_ROWS: usize = 8;
+
+fn gemv_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
     // Each task widens a block of weight rows once and reuses it for every row of x.
     const BLOCK: usize = 16;
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(BLOCK))
@@ -161,6 +173,49 @@ pub fn matmul_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f3
         let width = block.len() / m.max(1);
         for i in 0..m {
             y[i * n + r0..i * n + r0 + width].copy_from_slice(&block[i * width..(i + 1) * width]);
+        }
+    }
+    y
+}
+
+fn gemm_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
+    // Slabs of about 8 MiB of widened weights: big enough for the GEMM to run at speed, small
+    // enough to stay in cache and not to double the memory of large matrices.
+    let slab_rows = ((8 << 20) / (4 * k.max(1))).max(64).min(n.max(1));
+    let mut wide = vec![0f32; slab_rows * k];
+    let mut y = vec![0f32; m * n];
+    let threads = rayon::current_num_threads();
+    for r0 in (0..n).step_by(slab_rows) {
+        let rows = slab_rows.min(n - r0);
+        let wide = &mut wide[..rows * k];
+        wide.par_chunks_mut(k * 16)
+            .zip(w[r0 * k..(r0 + rows) * k].par_chunks(k * 16))
+            .for_each(|(dst, src)| widen_bf16(src, dst));
+        // Safety: every pointer/stride pair stays inside its buffer: y is [m, n] row-major
+        // and we write its columns r0..r0+rows; x is [m, k]; wide is [rows, k], read as its
+        // transpose [k, rows].
+        unsafe {
+            gemm::gemm(
+                m,
+                rows,
+                k,
+                y.as_mut_ptr().add(r0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                wide.as_ptr(),
+                k as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            );
         }
     }
     y
@@ -221,7 +276,16 @@ mod tests {
     #[test]
     fn bf16_matmul_matches_f64_reference_on_odd_shapes() {
         let mut seed = 7u64;
-        for &(m, k, n) in &[(1, 1, 1), (1, 37, 5), (3, 64, 17), (7, 100, 33), (2, 9, 40)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 37, 5),
+            (3, 64, 17),
+            (7, 100, 33),
+            (2, 9, 40),
+            (8, 33, 70),
+            (19, 130, 200),
+            (300, 5, 3),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
             let w: Vec<u16> = (0..n * k)
                 .map(|_| half::bf16::from_f32(lcg(&mut seed)).to_bits())
