@@ -1,7 +1,7 @@
 //! Finding a checkpoint's files: a local folder in the Hub's layout, or a Hub id downloaded
 //! into the standard Hugging Face cache.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use std::path::{Path, PathBuf};
 
 /// The files of one PaliGemma checkpoint.
@@ -99,11 +99,6 @@ pub fn looks_like_hub_id(spec: &str) -> bool {
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     ok(owner) && ok(name)
-}
-
-/// Reads a whole file, naming it in the error.
-pub fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 #[cfg(test)]

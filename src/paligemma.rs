@@ -119,31 +119,48 @@ impl PaliGemma {
         Ok(())
     }
 
-    /// Image features for every image of every row, computed in one vision batch and split
-    /// back per row as `[images·tokens, H]`.
+    /// Image features for every image of every row as `[images·tokens, H]`. Rows given the
+    /// same pixel tensor (clones of one tensor) share one pass through the vision tower.
     pub fn row_features(&self, pixels_per_row: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let present: Vec<&Tensor> = pixels_per_row.iter().flatten().collect();
-        if present.is_empty() {
+        let mut unique: Vec<&Tensor> = Vec::new();
+        let slot: Vec<Option<usize>> = pixels_per_row
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .map(|p| match unique.iter().position(|u| u.id() == p.id()) {
+                        Some(i) => i,
+                        None => {
+                            unique.push(p);
+                            unique.len() - 1
+                        }
+                    })
+            })
+            .collect();
+        if unique.is_empty() {
             return Ok(vec![None; pixels_per_row.len()]);
         }
-        for p in &present {
+        for p in &unique {
             self.check_pixels(p)?;
         }
-        let all = Tensor::cat(&present, 0).context("stacking images")?;
+        let all = Tensor::cat(&unique, 0).context("stacking images")?;
         let feats = self.image_features(&all)?;
         let (_, tokens, h) = feats.dims3()?;
-        let mut out = Vec::with_capacity(pixels_per_row.len());
+        let mut starts = Vec::with_capacity(unique.len());
         let mut at = 0;
-        for p in pixels_per_row {
-            match p {
-                Some(p) => {
-                    let n = p.dim(0)?;
-                    out.push(Some(feats.narrow(0, at, n)?.reshape((n * tokens, h))?));
-                    at += n;
-                }
-                None => out.push(None),
-            }
+        for p in &unique {
+            starts.push(at);
+            at += p.dim(0)?;
         }
-        Ok(out)
+        slot.iter()
+            .map(|s| match s {
+                Some(i) => {
+                    let n = unique[*i].dim(0)?;
+                    Ok(Some(
+                        feats.narrow(0, starts[*i], n)?.reshape((n * tokens, h))?,
+                    ))
+                }
+                None => Ok(None),
+            })
+            .collect()
     }
 }

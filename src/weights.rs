@@ -5,7 +5,7 @@
 //! `language_model.model.*`). transformers 5.x saves the vision tower as `vision_tower.*` and
 //! names modules `model.language_model.*` in memory; both are mapped on open.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -168,14 +168,6 @@ impl WeightStore {
         Ok(())
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.keys().map(|s| s.as_str())
-    }
-
     fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry, WeightsError> {
         let e = self
             .entries
@@ -203,18 +195,13 @@ impl WeightStore {
         let e = self.entry(name, shape)?;
         let bytes = &self.files[e.file].1[e.start..e.end];
         let values: Vec<f32> = match e.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
+            Dtype::F32 => widen(bytes, 4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Dtype::BF16 => widen(bytes, 2, |c| {
+                half::bf16::from_le_bytes([c[0], c[1]]).to_f32()
+            }),
+            Dtype::F16 => widen(bytes, 2, |c| {
+                half::f16::from_le_bytes([c[0], c[1]]).to_f32()
+            }),
             dtype => {
                 return Err(WeightsError::Dtype {
                     name: name.into(),
@@ -269,29 +256,21 @@ impl WeightStore {
         };
         Ok(Bf16Data::Owned(Arc::new(owned)))
     }
+}
 
-    /// Loads a tensor in the requested compute dtype (f32 or bf16 as a candle tensor).
-    pub fn tensor(
-        &self,
-        name: &str,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor, WeightsError> {
-        let t = self.f32(name, shape, device)?;
-        if dtype == DType::F32 {
-            return Ok(t);
-        }
-        t.to_dtype(dtype).map_err(|source| WeightsError::Candle {
-            name: name.into(),
-            source,
-        })
-    }
-
-    /// The paths of the files backing this store.
-    pub fn files(&self) -> impl Iterator<Item = &Path> {
-        self.files.iter().map(|(p, _)| p.as_path())
-    }
+/// Decodes little-endian values of `width` bytes in parallel (multi-GB checkpoints).
+fn widen(bytes: &[u8], width: usize, decode: impl Fn(&[u8]) -> f32 + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; bytes.len() / width];
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * width))
+        .for_each(|(dst, src)| {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(width)) {
+                *d = decode(c);
+            }
+        });
+    out
 }
 
 /// Maps a stored tensor name to the Hub layout; `None` for tensors PaliGemma does not use
@@ -323,7 +302,70 @@ pub fn canonical_name(stored: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::canonical_name;
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// A safetensors file holding `values` as F32, BF16 and F16 tensors.
+    fn write_three_dtypes(values: &[f32]) -> PathBuf {
+        let f32b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf16b: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let f16b: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let shape = vec![values.len()];
+        let views = vec![
+            (
+                "a.f32",
+                TensorView::new(Dtype::F32, shape.clone(), &f32b).unwrap(),
+            ),
+            (
+                "b.bf16",
+                TensorView::new(Dtype::BF16, shape.clone(), &bf16b).unwrap(),
+            ),
+            ("c.f16", TensorView::new(Dtype::F16, shape, &f16b).unwrap()),
+        ];
+        let path =
+            std::env::temp_dir().join(format!("pg-weights-{}.safetensors", std::process::id()));
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn f32_bf16_and_f16_tensors_load_exactly() {
+        // All exactly representable in bf16 and f16.
+        let values = [1.5f32, -2.25, 0.0, 0.125, -1024.0, 3.0];
+        let path = write_three_dtypes(&values);
+        let store = WeightStore::open(std::slice::from_ref(&path)).unwrap();
+        let dev = Device::Cpu;
+        for name in ["a.f32", "b.bf16", "c.f16"] {
+            let t: Vec<f32> = store
+                .f32(name, &[values.len()], &dev)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(t, values, "{name}");
+            let b = store.bf16(name, &[values.len()]).unwrap();
+            let widened: Vec<f32> = b
+                .as_slice()
+                .iter()
+                .map(|&x| half::bf16::from_bits(x).to_f32())
+                .collect();
+            assert_eq!(widened, values, "{name}");
+        }
+        assert!(matches!(
+            store.bf16("b.bf16", &[values.len()]).unwrap(),
+            Bf16Data::Mapped { .. }
+        ));
+        let err = store.f32("a.f32", &[2, 3], &dev).unwrap_err().to_string();
+        assert!(err.contains("a.f32") && err.contains("[6]"), "{err}");
+        let err = store.f32("nope", &[1], &dev).unwrap_err().to_string();
+        assert!(err.contains("`nope` is missing"), "{err}");
+        std::fs::remove_file(path).unwrap();
+    }
 
     #[test]
     fn every_layout_maps_to_hub_names() {

@@ -329,3 +329,66 @@ fn damaged_checkpoints_give_one_line_errors() {
     let e = generate_with(s.path(), &image, "caption en");
     assert!(e.contains(reshaped) && e.contains("I32"), "{e}");
 }
+
+#[test]
+fn hub_ids_resolve_from_the_cache_offline() {
+    // The Hugging Face cache layout: models--owner--name/{refs/main, snapshots/<rev>/files}.
+    let home = std::env::temp_dir().join(format!("pg-cli-hfhome-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let repo = home.join("hub/models--tiny--pg1-56");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for entry in std::fs::read_dir(fixture("pg1-56")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let image = fixture("pg1-56").join("image_a.png").display().to_string();
+    let args = [
+        "generate",
+        "--model",
+        "tiny/pg1-56",
+        "--image",
+        &image,
+        "--prompt",
+        "caption en",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args([&args[..], &["--max-new-tokens", "20", "--json"]].concat())
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        ids(&json["tokens"]),
+        ids(&reference("pg1-56")["greedy_tokens"])
+    );
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args([
+            "generate",
+            "--model",
+            "tiny/not-cached",
+            "--image",
+            &image,
+            "--prompt",
+            "x",
+        ])
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && err.contains("not in the Hugging Face cache"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&home).unwrap();
+}
