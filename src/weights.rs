@@ -40,15 +40,26 @@ pub enum WeightsError {
     },
 }
 
-/// Where one tensor's bytes are.
+/// Where one tensor's bytes are: a byte range of a mapped file, or bytes held in memory
+/// (tensors computed at load time, e.g. from a big_vision `.npz` checkpoint).
 #[derive(Debug, Clone)]
 struct Entry {
     file: usize,
     dtype: Dtype,
     shape: Vec<usize>,
-    /// Absolute byte range in the file.
+    /// Absolute byte range in the file, or in `owned` when it is set.
     start: usize,
     end: usize,
+    owned: Option<Arc<Vec<u8>>>,
+}
+
+impl Entry {
+    fn bytes<'a>(&'a self, files: &'a [(PathBuf, Arc<Mmap>)]) -> &'a [u8] {
+        match &self.owned {
+            Some(b) => &b[self.start..self.end],
+            None => &files[self.file].1[self.start..self.end],
+        }
+    }
 }
 
 /// Raw little-endian bf16 values, borrowed from a memory map when the file allows it.
@@ -159,6 +170,7 @@ impl WeightStore {
                 shape: info.shape.clone(),
                 start: data_start + info.data_offsets.0,
                 end: data_start + info.data_offsets.1,
+                owned: None,
             };
             if let Some(canonical) = canonical_name(&name) {
                 self.entries.insert(canonical, entry);
@@ -166,6 +178,47 @@ impl WeightStore {
         }
         self.files.push((path.to_path_buf(), Arc::new(map)));
         Ok(())
+    }
+
+    /// A store of tensors held in memory, given under their canonical (Hub) names as raw
+    /// little-endian bytes of an F32, BF16 or F16 dtype.
+    pub fn from_owned(
+        tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    ) -> Result<Self, WeightsError> {
+        let mut entries = HashMap::new();
+        for (name, dtype, shape, bytes) in tensors {
+            let want = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+            if bytes.len() != want {
+                return Err(WeightsError::Corrupt {
+                    path: name,
+                    reason: format!(
+                        "{} bytes for shape {shape:?} of {dtype:?}, expected {want}",
+                        bytes.len()
+                    ),
+                });
+            }
+            let end = bytes.len();
+            entries.insert(
+                name,
+                Entry {
+                    file: 0,
+                    dtype,
+                    shape,
+                    start: 0,
+                    end,
+                    owned: Some(Arc::new(bytes)),
+                },
+            );
+        }
+        Ok(Self {
+            files: Vec::new(),
+            entries,
+        })
+    }
+
+    /// Canonical names of every tensor in the store.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
     }
 
     fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry, WeightsError> {
@@ -193,7 +246,7 @@ impl WeightStore {
         device: &Device,
     ) -> Result<Tensor, WeightsError> {
         let e = self.entry(name, shape)?;
-        let bytes = &self.files[e.file].1[e.start..e.end];
+        let bytes = e.bytes(&self.files);
         let values: Vec<f32> = match e.dtype {
             Dtype::F32 => widen(bytes, 4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             Dtype::BF16 => widen(bytes, 2, |c| {
@@ -219,13 +272,12 @@ impl WeightStore {
     /// rounded (to nearest even) from f32/f16 otherwise.
     pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Bf16Data, WeightsError> {
         let e = self.entry(name, shape)?;
-        let map = &self.files[e.file].1;
-        let bytes = &map[e.start..e.end];
+        let bytes = e.bytes(&self.files);
         let len = shape.iter().product();
         let owned: Vec<u16> = match e.dtype {
-            Dtype::BF16 if (map.as_ptr() as usize + e.start).is_multiple_of(2) => {
+            Dtype::BF16 if e.owned.is_none() && (bytes.as_ptr() as usize).is_multiple_of(2) => {
                 return Ok(Bf16Data::Mapped {
-                    map: map.clone(),
+                    map: self.files[e.file].1.clone(),
                     start: e.start,
                     len,
                 });
