@@ -7,26 +7,46 @@
 use crate::checkpoint::ModelFiles;
 use anyhow::{Context, Result, bail};
 use hf_hub::api::sync::{ApiBuilder, ApiRepo};
-use hf_hub::{Cache, Repo};
+use hf_hub::{Cache, Repo, RepoType};
 use std::path::PathBuf;
 
 const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
 const OPTIONAL: [&str; 2] = ["preprocessor_config.json", "generation_config.json"];
 
-pub fn download(id: &str) -> Result<ModelFiles> {
-    if offline() {
-        return from_cache(id);
-    }
+/// Where the segmentation mask decoder is published: Google's PaliGemma demo Space.
+pub const VAE_SPACE: &str = "google/paligemma-hf";
+pub const VAE_FILE: &str = "vae-oid.npz";
+
+fn api() -> Result<hf_hub::api::sync::Api> {
     let mut builder = ApiBuilder::from_env().with_progress(true);
     if let Ok(token) = std::env::var("HF_TOKEN")
         && !token.trim().is_empty()
     {
         builder = builder.with_token(Some(token.trim().to_string()));
     }
-    let api = builder
+    builder
         .build()
-        .context("cannot set up the Hugging Face Hub client")?;
-    let repo = api.model(id.to_string());
+        .context("cannot set up the Hugging Face Hub client")
+}
+
+/// The VQ-VAE weights that turn `<seg>` codes into masks, from the cache or the Hub.
+pub fn download_vae() -> Result<PathBuf> {
+    let repo = Repo::with_revision(VAE_SPACE.to_string(), RepoType::Space, "main".to_string());
+    if offline() {
+        return Cache::from_env().repo(repo).get(VAE_FILE).with_context(|| {
+            format!("HF_HUB_OFFLINE is set and {VAE_FILE} of {VAE_SPACE} is not in the Hugging Face cache; pass --vae PATH")
+        });
+    }
+    api()?.repo(repo).get(VAE_FILE).with_context(|| {
+        format!("cannot download {VAE_FILE} from the Hub Space {VAE_SPACE}; pass --vae PATH")
+    })
+}
+
+pub fn download(id: &str) -> Result<ModelFiles> {
+    if offline() {
+        return from_cache(id);
+    }
+    let repo = api()?.model(id.to_string());
     let fetch = |name: &str| -> Result<PathBuf> {
         repo.get(name).with_context(|| {
             format!(

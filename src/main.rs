@@ -27,6 +27,13 @@ enum Command {
     Ask(cli::tasks::AskArgs),
     /// Read the text in an image (`ocr`).
     Ocr(cli::tasks::OcrArgs),
+    /// Find objects: boxes in pixels (`detect a ; b`).
+    Detect(cli::tasks::DetectArgs),
+    /// Segment objects: boxes plus masks decoded from `<seg>` codes (`segment a ; b`).
+    Segment(cli::tasks::SegmentArgs),
+    /// Turn detection or segmentation output text (from any PaliGemma runtime) into boxes
+    /// and masks.
+    Parse(cli::tasks::ParseArgs),
 }
 
 fn main() {
@@ -36,6 +43,9 @@ fn main() {
         Command::Caption(args) => cli::tasks::caption(args),
         Command::Ask(args) => cli::tasks::ask(args),
         Command::Ocr(args) => cli::tasks::ocr(args),
+        Command::Detect(args) => cli::tasks::detect(args),
+        Command::Segment(args) => cli::tasks::segment(args),
+        Command::Parse(args) => cli::tasks::parse(args),
     };
     if let Err(e) = result {
         // One line: the chain of causes, outermost first.
