@@ -1,5 +1,5 @@
-//! Finding a checkpoint's files: a local folder in the Hub's layout, or a Hub id downloaded
-//! into the standard Hugging Face cache.
+//! Finding a checkpoint's files: a local folder in the Hub's layout, a big_vision `.npz`
+//! file, or a Hub id downloaded into the standard Hugging Face cache.
 
 use anyhow::{Result, bail};
 use std::path::{Path, PathBuf};
@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
     pub dir: PathBuf,
+    /// `config.json`. For a big_vision `.npz`: its `<stem>.config.json` sidecar when there is
+    /// one, else the `.npz` itself (the configuration is then inferred from the tensor shapes).
     pub config: PathBuf,
+    /// safetensors files, or one big_vision `.npz`.
     pub weights: Vec<PathBuf>,
     pub tokenizer: PathBuf,
     pub preprocessor: Option<PathBuf>,
@@ -19,14 +22,20 @@ const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
 
 impl ModelFiles {
-    /// `spec` is a folder, or a Hub id such as `google/paligemma2-3b-mix-224`.
+    /// `spec` is a folder, a big_vision `.npz` file, or a Hub id such as
+    /// `google/paligemma2-3b-mix-224`.
     pub fn resolve(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
             return Self::from_dir(path);
         }
+        if path.is_file() && is_npz(path) {
+            return Self::from_npz(path);
+        }
         if path.exists() {
-            bail!("--model {spec}: expected a checkpoint folder, found a file");
+            bail!(
+                "--model {spec}: expected a checkpoint folder or a big_vision .npz file, found another file"
+            );
         }
         if looks_like_hub_id(spec) {
             return crate::hub::download(spec);
@@ -76,6 +85,45 @@ impl ModelFiles {
         })
     }
 
+    /// A big_vision checkpoint: the `.npz`, `tokenizer.json` beside it (big_vision ships a
+    /// SentencePiece model, which we do not read), and optional sidecars named after it:
+    /// `<stem>.config.json` (values the shapes cannot tell, checked against them),
+    /// `<stem>.generation_config.json` and `<stem>.preprocessor_config.json`.
+    pub fn from_npz(npz: &Path) -> Result<Self> {
+        let dir = npz
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let tokenizer = dir.join("tokenizer.json");
+        if !tokenizer.is_file() {
+            bail!(
+                "{} has no tokenizer.json beside it: big_vision checkpoints do not include the \
+                 tokenizer. Put PaliGemma's tokenizer.json (from any PaliGemma checkpoint on the \
+                 Hub, e.g. google/paligemma-3b-pt-224; PaliGemma 1 and 2 share it) into {}",
+                npz.display(),
+                dir.display()
+            );
+        }
+        let sidecar = |name: &str| {
+            let stem = npz.file_stem().unwrap_or_default().to_string_lossy();
+            Some(dir.join(format!("{stem}.{name}"))).filter(|p| p.is_file())
+        };
+        Ok(Self {
+            config: sidecar("config.json").unwrap_or_else(|| npz.to_path_buf()),
+            weights: vec![npz.to_path_buf()],
+            tokenizer,
+            preprocessor: sidecar("preprocessor_config.json"),
+            generation_config: sidecar("generation_config.json"),
+            dir,
+        })
+    }
+
+    /// Whether the weights are a big_vision `.npz` (see [`ModelFiles::from_npz`]).
+    pub fn is_big_vision(&self) -> bool {
+        matches!(self.weights.as_slice(), [w] if is_npz(w))
+    }
+
     /// Size of the weight files in bytes, for messages and progress.
     pub fn weights_bytes(&self) -> u64 {
         self.weights
@@ -84,6 +132,11 @@ impl ModelFiles {
             .map(|m| m.len())
             .sum()
     }
+}
+
+fn is_npz(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
 }
 
 /// `owner/name` with the characters the Hub allows.

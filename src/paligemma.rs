@@ -20,14 +20,20 @@ pub struct PaliGemma {
 
 impl PaliGemma {
     pub fn load(files: &ModelFiles, format: WeightFormat, device: &Device) -> Result<Self> {
-        let mut config = PaliGemmaConfig::load(&files.config)?;
+        let (mut config, store) = if files.is_big_vision() {
+            crate::big_vision::load_files(files)?
+        } else {
+            (
+                PaliGemmaConfig::load(&files.config)?,
+                WeightStore::open(&files.weights)?,
+            )
+        };
         if let Some(gen_cfg) = &files.generation_config
             && let Some(eos) = GenerationDefaults::load_eos(gen_cfg)?
             && !eos.is_empty()
         {
             config.eos_token_ids = eos;
         }
-        let store = WeightStore::open(&files.weights)?;
         Self::from_store(config, &store, format, device)
     }
 

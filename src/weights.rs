@@ -62,11 +62,15 @@ impl Entry {
     }
 }
 
-/// Raw little-endian bf16 values, borrowed from a memory map when the file allows it.
+/// Bytes a tensor can borrow from: a file's memory map, or a buffer built at load time.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Raw little-endian bf16 values, borrowed (from a memory map or the store's own buffer) when
+/// the bytes are aligned, copied otherwise.
 #[derive(Clone)]
 pub enum Bf16Data {
     Mapped {
-        map: Arc<Mmap>,
+        map: SharedBytes,
         start: usize,
         len: usize,
     },
@@ -77,7 +81,7 @@ impl Bf16Data {
     pub fn as_slice(&self) -> &[u16] {
         match self {
             Self::Mapped { map, start, len } => {
-                let bytes = &map[*start..*start + 2 * len];
+                let bytes = &(**map).as_ref()[*start..*start + 2 * len];
                 // Alignment was checked when the mapping was chosen.
                 unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const u16, *len) }
             }
@@ -275,9 +279,13 @@ impl WeightStore {
         let bytes = e.bytes(&self.files);
         let len = shape.iter().product();
         let owned: Vec<u16> = match e.dtype {
-            Dtype::BF16 if e.owned.is_none() && (bytes.as_ptr() as usize).is_multiple_of(2) => {
+            Dtype::BF16 if (bytes.as_ptr() as usize).is_multiple_of(2) => {
+                let map: SharedBytes = match &e.owned {
+                    Some(owned) => owned.clone(),
+                    None => self.files[e.file].1.clone(),
+                };
                 return Ok(Bf16Data::Mapped {
-                    map: self.files[e.file].1.clone(),
+                    map,
                     start: e.start,
                     len,
                 });

@@ -26,7 +26,8 @@ pub enum DTypeArg {
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A checkpoint folder in the Hub layout, or a Hub id such as google/paligemma2-3b-mix-224.
+    /// A checkpoint folder in the Hub layout, a Hub id such as google/paligemma2-3b-mix-224, or
+    /// a big_vision `.npz` checkpoint (with `tokenizer.json` beside it).
     #[arg(long)]
     pub model: String,
     /// Weight precision: f32, or bf16 (weights kept in bf16, f32 accumulation).
