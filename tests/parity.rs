@@ -177,18 +177,24 @@ fn image_features_logits_and_suffix_logprobs_match() {
         let feats = c.model.image_features(pixels).unwrap();
         let d = max_diff(&feats, c.t("image_features"));
         assert!(d < TOL, "{name}: image features differ by {d}");
+        eprintln!("{name}: image features max |Δ| = {d:.2e}");
 
         let seq = c.sequence();
         let logits = forward_logits(&c.model, &seq, Some(pixels)).unwrap();
         let d = max_diff(&logits, &c.t("logits").squeeze(0).unwrap());
         assert!(d < TOL, "{name}: logits differ by {d}");
+        eprintln!("{name}: logits max |Δ| = {d:.2e}");
 
         let lps = suffix_logprobs(&c.model, &seq, Some(pixels)).unwrap();
         let want: Vec<f32> = c.t("suffix_logprobs").to_vec1().unwrap();
         assert_eq!(lps.len(), want.len(), "{name}");
-        for (a, b) in lps.iter().zip(&want) {
-            assert!((a - b).abs() < TOL, "{name}: suffix log-prob {a} vs {b}");
-        }
+        let worst = lps
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < TOL, "{name}: suffix log-probs {lps:?} vs {want:?}");
+        eprintln!("{name}: suffix log-probs max |Δ| = {worst:.2e}");
         let total: f64 = lps.iter().map(|&v| v as f64).sum();
         let want_total = c.json["total_logprob"].as_f64().unwrap();
         assert!(
@@ -233,6 +239,10 @@ fn greedy_decoding_matches_and_cached_steps_equal_a_full_forward() {
             d < TOL,
             "{name}: cached decode logits differ from transformers by {d}"
         );
+        eprintln!(
+            "{name}: {} cached decode steps, logits max |Δ| = {d:.2e}",
+            want.len()
+        );
 
         let mut ids = req.ids.clone();
         ids.extend(&want[..want.len() - 1]);
@@ -247,6 +257,7 @@ fn greedy_decoding_matches_and_cached_steps_equal_a_full_forward() {
             d < TOL,
             "{name}: cached decode differs from a full forward by {d}"
         );
+        eprintln!("{name}: cached decode vs full forward max |Δ| = {d:.2e}");
     }
 }
 
@@ -341,6 +352,7 @@ fn bf16_weights_match_a_reference_with_bf16_rounded_weights() {
         let logits = forward_logits(&c.model, &seq, Some(c.t("pixel_values"))).unwrap();
         let d = max_diff(&logits, &c.t("logits_bf16_weights").squeeze(0).unwrap());
         assert!(d < TOL, "{name}: bf16-weight logits differ by {d}");
+        eprintln!("{name}: bf16-weight logits max |Δ| = {d:.2e}");
         // and the rounding is real: f32 logits are measurably different
         let d32 = max_diff(&logits, &c.t("logits").squeeze(0).unwrap());
         assert!(
