@@ -10,6 +10,7 @@
 //! - model: [`siglip`], [`gemma`], [`attention_mask`], [`kv_cache`], [`paligemma`], [`ops`]
 //! - output: [`generate`], [`sampling`], [`score`], [`parse`] (boxes), [`vqvae`] and [`mask`]
 //!   (segmentation masks), [`annotate`] (pictures)
+//! - data: [`shapes`] (a synthetic dataset for fine-tuning)
 
 pub mod annotate;
 pub mod attention_mask;
@@ -31,6 +32,7 @@ pub mod prompt;
 pub mod resize;
 pub mod sampling;
 pub mod score;
+pub mod shapes;
 pub mod siglip;
 pub mod task;
 pub mod tokenizer;

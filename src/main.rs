@@ -34,6 +34,8 @@ enum Command {
     /// Turn detection or segmentation output text (from any PaliGemma runtime) into boxes
     /// and masks.
     Parse(cli::tasks::ParseArgs),
+    /// Write a synthetic dataset of coloured shapes (captions, VQA, detection) as JSONL.
+    Shapes(cli::shapes::ShapesArgs),
 }
 
 fn main() {
@@ -46,6 +48,7 @@ fn main() {
         Command::Detect(args) => cli::tasks::detect(args),
         Command::Segment(args) => cli::tasks::segment(args),
         Command::Parse(args) => cli::tasks::parse(args),
+        Command::Shapes(args) => cli::shapes::run(args),
     };
     if let Err(e) = result {
         // One line: the chain of causes, outermost first.

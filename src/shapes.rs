@@ -40,6 +40,23 @@
 //! learns to answer `<eos>` at once). Boxes go through [`crate::parse::encode_detections`], so
 //! the text is the project's detection syntax (big_vision's `round(v·1023)` bins).
 //!
+//! # Files ([`write_dataset`], `paligemma shapes --out DIR --n N [--seed S] [--size 224]`)
+//!
+//! ```text
+//! DIR/images/00000.png …     scene i as images/{i:05}.png (more digits when N > 100000)
+//! DIR/train.jsonl            every example, scene by scene, in the order of the table above
+//! DIR/caption.jsonl          the same lines split by task
+//! DIR/vqa.jsonl
+//! DIR/detect.jsonl
+//! DIR/meta.json              seed, n, size, kinds, palette, example counts (written last)
+//! ```
+//!
+//! Each JSONL line is `{"image":"images/00012.png","prefix":"…","suffix":"…"}` (big_vision's
+//! `bv:jsonl` keys; the path is relative to the JSONL file). A held-out set is another run with
+//! another seed, or [`scene`]`(seed, i, size)` regenerated in memory. `DIR` must be empty unless
+//! `--force`, which overwrites files of the same name and leaves others (e.g. images beyond a
+//! smaller new `N`, which no JSONL line refers to).
+//!
 //! # Determinism
 //!
 //! Scene `i` of seed `s` comes from its own generator, [`scene_rng`]`(s, i)`, so any scene can
@@ -367,7 +384,7 @@ impl Axis {
             Axis::X => x,
             Axis::Y => y,
             Axis::Diagonal => x + y,
-            Axis::AntiDiagonal => x + (h - 1 - y),
+            Axis::AntiDiagonal => x + h.saturating_sub(1).saturating_sub(y),
         }
     }
 
@@ -417,6 +434,8 @@ pub const BACKGROUND_MIN_CHANNEL: u8 = 150;
 /// Pale colours have channels from this up; noise subtracts at most [`MAX_NOISE`].
 const PALE_MIN: u8 = 165;
 const MAX_NOISE: u8 = 12;
+// The darkest background pixel (pale minimum less the noise) stays within the promise.
+const _: () = assert!(PALE_MIN - MAX_NOISE >= BACKGROUND_MIN_CHANNEL);
 
 impl Background {
     /// The colour of pixel `(x, y)` of a `width`×`height` image: a pure function, so
@@ -440,7 +459,12 @@ impl Background {
                     blend(from[2], to[2]),
                 ]
             }
-            Background::Stripes { a, b, width: w, axis } => {
+            Background::Stripes {
+                a,
+                b,
+                width: w,
+                axis,
+            } => {
                 if (axis.position(x, y, height) / u64::from(w.max(1))) % 2 == 0 {
                     a
                 } else {
@@ -596,7 +620,12 @@ fn boxes_apart(a: [u32; 4], b: [u32; 4], gap: u32) -> bool {
 /// evaluating detections against [`Shape::bbox`].
 pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
     let area = |r: [f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let inter = area([a[0].max(b[0]), a[1].max(b[1]), a[2].min(b[2]), a[3].min(b[3])]);
+    let inter = area([
+        a[0].max(b[0]),
+        a[1].max(b[1]),
+        a[2].min(b[2]),
+        a[3].min(b[3]),
+    ]);
     let union = area(a) + area(b) - inter;
     if union > 0.0 { inter / union } else { 0.0 }
 }
@@ -694,7 +723,9 @@ fn number_word(n: usize) -> String {
     const WORDS: [&str; 11] = [
         "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
     ];
-    WORDS.get(n).map_or_else(|| n.to_string(), |w| w.to_string())
+    WORDS
+        .get(n)
+        .map_or_else(|| n.to_string(), |w| w.to_string())
 }
 
 /// `x`, `x and y`, `x, y and z`.
@@ -736,7 +767,12 @@ fn vqa_examples(scene: &Scene) -> Result<Vec<Example>> {
     }
     // Asked only when the answer is a single colour, so every question has one answer.
     for kind in ShapeKind::ALL {
-        if let [only] = scene.shapes.iter().filter(|s| s.kind == kind).collect::<Vec<_>>()[..] {
+        if let [only] = scene
+            .shapes
+            .iter()
+            .filter(|s| s.kind == kind)
+            .collect::<Vec<_>>()[..]
+        {
             out.push(answer(
                 format!("what colour is the {}?", kind.name()),
                 only.colour.name().to_string(),
@@ -906,7 +942,10 @@ pub fn write_dataset(
                     prefix: &ex.prefix,
                     suffix: &ex.suffix,
                 })?;
-                let task = TaskType::ALL.iter().position(|&t| t == ex.task).unwrap_or(0);
+                let task = TaskType::ALL
+                    .iter()
+                    .position(|&t| t == ex.task)
+                    .unwrap_or(0);
                 writeln!(combined.1, "{line}")
                     .with_context(|| format!("cannot write {}", combined.0.display()))?;
                 writeln!(per_task[task].1, "{line}")
@@ -1025,7 +1064,6 @@ mod tests {
             assert!(c.rgb().iter().any(|&v| v <= 60), "{c:?}");
             assert_eq!(Colour::from_rgb(c.rgb()), Some(c));
         }
-        assert!(PALE_MIN - MAX_NOISE >= BACKGROUND_MIN_CHANNEL);
     }
 
     #[test]
@@ -1035,7 +1073,11 @@ mod tests {
             let [x0, y0, x1, y1] = s.bbox;
             // Every kind spans the frame's width and at least 85 % of its height.
             assert_eq!((x0, x1), (10, 50), "{kind:?}");
-            assert!(y0 >= 20 && y1 <= 60 && y1 - y0 >= 34, "{kind:?} {:?}", s.bbox);
+            assert!(
+                y0 >= 20 && y1 <= 60 && y1 - y0 >= 34,
+                "{kind:?} {:?}",
+                s.bbox
+            );
         }
         assert_eq!(
             Shape::new(ShapeKind::Square, Colour::Red, [10, 10, 10, 20], 100, 100),
@@ -1114,7 +1156,10 @@ mod tests {
         };
         assert_eq!(caption(&scene), "two red circles and an orange star");
         scene.shapes[0].colour = Colour::Blue;
-        assert_eq!(caption(&scene), "a red circle, an orange star and a blue circle");
+        assert_eq!(
+            caption(&scene),
+            "a red circle, an orange star and a blue circle"
+        );
         scene.shapes.truncate(1);
         assert_eq!(caption(&scene), "a blue circle");
         scene.shapes.clear();
@@ -1163,7 +1208,7 @@ mod tests {
             get("detect circle ; square"),
             Some(
                 "<loc0102><loc0000><loc0307><loc0205> circle ; \
-                 <loc0102><loc0307><loc0307><loc0511> circle ; \
+                 <loc0102><loc0307><loc0307><loc0512> circle ; \
                  <loc0102><loc0614><loc0307><loc0818> square"
             )
         );

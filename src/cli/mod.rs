@@ -2,6 +2,7 @@
 //! running prompts with text streamed to the terminal.
 
 pub mod run;
+pub mod shapes;
 pub mod tasks;
 
 use anyhow::{Context, Result, bail};
