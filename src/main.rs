@@ -28,12 +28,12 @@ enum Command {
     /// Read the text in an image (`ocr`).
     Ocr(cli::tasks::OcrArgs),
     /// Find objects: boxes in pixels (`detect a ; b`).
-    Detect(cli::tasks::DetectArgs),
+    Detect(cli::locate::DetectArgs),
     /// Segment objects: boxes plus masks decoded from `<seg>` codes (`segment a ; b`).
-    Segment(cli::tasks::SegmentArgs),
+    Segment(cli::locate::SegmentArgs),
     /// Turn detection or segmentation output text (from any PaliGemma runtime) into boxes
     /// and masks.
-    Parse(cli::tasks::ParseArgs),
+    Parse(cli::locate::ParseArgs),
     /// Write a synthetic dataset of coloured shapes (captions, VQA, detection) as JSONL.
     Shapes(cli::shapes::ShapesArgs),
 }
@@ -45,9 +45,9 @@ fn main() {
         Command::Caption(args) => cli::tasks::caption(args),
         Command::Ask(args) => cli::tasks::ask(args),
         Command::Ocr(args) => cli::tasks::ocr(args),
-        Command::Detect(args) => cli::tasks::detect(args),
-        Command::Segment(args) => cli::tasks::segment(args),
-        Command::Parse(args) => cli::tasks::parse(args),
+        Command::Detect(args) => cli::locate::detect(args),
+        Command::Segment(args) => cli::locate::segment(args),
+        Command::Parse(args) => cli::locate::parse(args),
         Command::Shapes(args) => cli::shapes::run(args),
     };
     if let Err(e) = result {

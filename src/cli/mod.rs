@@ -1,6 +1,7 @@
 //! Pieces every command shares: loading a model, reading images, decoding options, and
 //! running prompts with text streamed to the terminal.
 
+pub mod locate;
 pub mod run;
 pub mod shapes;
 pub mod tasks;
