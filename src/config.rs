@@ -348,46 +348,43 @@ fn parse_text(v: &Value) -> Result<TextConfig, String> {
         Some(p) => Fields::new(p, "text_config.rope_parameters")?.f64_or("rope_theta", 10000.0)?,
         None => f.f64_or("rope_theta", 10000.0)?,
     };
-    let cfg = match version {
-        GemmaVersion::Gemma1 => TextConfig {
-            version,
-            vocab_size: f.usize_or("vocab_size", 256000)?,
-            hidden_size: f.usize_or("hidden_size", 3072)?,
-            intermediate_size: f.usize_or("intermediate_size", 24576)?,
-            num_hidden_layers: f.usize_or("num_hidden_layers", 28)?,
-            num_attention_heads: f.usize_or("num_attention_heads", 16)?,
-            num_key_value_heads: f.usize_or("num_key_value_heads", 16)?,
-            head_dim: f.usize_or("head_dim", 256)?,
-            rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
-            rope_theta,
-            max_position_embeddings: f.usize_or("max_position_embeddings", 8192)?,
-            hidden_act: f.activation("hidden_act", "gelu_pytorch_tanh")?,
-            query_pre_attn_scalar: None,
-            attn_logit_softcapping: None,
-            final_logit_softcapping: None,
-            sliding_window: None,
-        },
-        GemmaVersion::Gemma2 => TextConfig {
-            version,
-            vocab_size: f.usize_or("vocab_size", 256000)?,
-            hidden_size: f.usize_or("hidden_size", 2304)?,
-            intermediate_size: f.usize_or("intermediate_size", 9216)?,
-            num_hidden_layers: f.usize_or("num_hidden_layers", 26)?,
-            num_attention_heads: f.usize_or("num_attention_heads", 8)?,
-            num_key_value_heads: f.usize_or("num_key_value_heads", 4)?,
-            head_dim: f.usize_or("head_dim", 256)?,
-            rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
-            rope_theta,
-            max_position_embeddings: f.usize_or("max_position_embeddings", 8192)?,
-            // Gemma 2 names it `hidden_activation`.
-            hidden_act: f.activation("hidden_activation", "gelu_pytorch_tanh")?,
-            query_pre_attn_scalar: Some(f.f64_or("query_pre_attn_scalar", 256.0)?),
-            attn_logit_softcapping: softcap(&f, "attn_logit_softcapping", 50.0)?,
-            final_logit_softcapping: softcap(&f, "final_logit_softcapping", 30.0)?,
-            sliding_window: Some(f.usize_or("sliding_window", 4096)?),
-        },
+    // The class defaults of GemmaConfig and Gemma2Config differ only in sizes and in the
+    // name of the activation field.
+    let (hidden, intermediate, layers, heads, kv_heads, act_key) = match version {
+        GemmaVersion::Gemma1 => (3072, 24576, 28, 16, 16, "hidden_act"),
+        GemmaVersion::Gemma2 => (2304, 9216, 26, 8, 4, "hidden_activation"),
     };
-    Ok(cfg)
+    let gemma2 = version == GemmaVersion::Gemma2;
+    Ok(TextConfig {
+        version,
+        vocab_size: f.usize_or("vocab_size", 256000)?,
+        hidden_size: f.usize_or("hidden_size", hidden)?,
+        intermediate_size: f.usize_or("intermediate_size", intermediate)?,
+        num_hidden_layers: f.usize_or("num_hidden_layers", layers)?,
+        num_attention_heads: f.usize_or("num_attention_heads", heads)?,
+        num_key_value_heads: f.usize_or("num_key_value_heads", kv_heads)?,
+        head_dim: f.usize_or("head_dim", 256)?,
+        rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
+        rope_theta,
+        max_position_embeddings: f.usize_or("max_position_embeddings", 8192)?,
+        hidden_act: f.activation(act_key, "gelu_pytorch_tanh")?,
+        query_pre_attn_scalar: gemma2
+            .then(|| f.f64_or("query_pre_attn_scalar", 256.0))
+            .transpose()?,
+        attn_logit_softcapping: if gemma2 {
+            softcap(&f, "attn_logit_softcapping", 50.0)?
+        } else {
+            None
+        },
+        final_logit_softcapping: if gemma2 {
+            softcap(&f, "final_logit_softcapping", 30.0)?
+        } else {
+            None
+        },
+        sliding_window: gemma2
+            .then(|| f.usize_or("sliding_window", 4096))
+            .transpose()?,
+    })
 }
 
 /// A soft-cap is on by default in Gemma 2; an explicit `null` turns it off.
