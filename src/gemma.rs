@@ -6,7 +6,8 @@
 
 use crate::config::{Activation, GemmaVersion, TextConfig};
 use crate::kv_cache::KvCache;
-use crate::ops::linear::{Linear, WeightFormat};
+use crate::ops::autodiff;
+use crate::ops::linear::{Linear, VisitParams, WeightFormat};
 use crate::siglip::activation;
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::{D, DType, Device, Result, Tensor};
@@ -14,6 +15,10 @@ use candle_core::{D, DType, Device, Result, Tensor};
 /// Gemma's RMSNorm: `x / sqrt(mean(x²) + eps) · (1 + w)`; the stored weight is zero-centred.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
+    /// `w`, as stored.
+    weight: Tensor,
+    /// `1 + w`, formed at load; a trained `w` forms it in the forward instead, so that the
+    /// updates take effect and the gradient reaches `w`.
     scale: Tensor,
     eps: f32,
 }
@@ -26,19 +31,30 @@ impl RmsNorm {
         eps: f64,
         dev: &Device,
     ) -> std::result::Result<Self, WeightsError> {
-        let w = store.f32(name, &[dim], dev)?;
-        let scale = (w + 1.0).map_err(|source| WeightsError::Candle {
+        let weight = store.f32(name, &[dim], dev)?;
+        let scale = (&weight + 1.0).map_err(|source| WeightsError::Candle {
             name: name.into(),
             source,
         })?;
         Ok(Self {
+            weight,
             scale,
             eps: eps as f32,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.scale, self.eps)
+        if self.weight.track_op() {
+            autodiff::rms_norm(x, &(&self.weight + 1.0)?, self.eps)
+        } else {
+            autodiff::rms_norm(x, &self.scale, self.eps)
+        }
+    }
+
+    fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {
+        f(&format!("{prefix}.weight"), &mut self.weight)?;
+        self.scale = (&self.weight + 1.0)?.detach();
+        Ok(())
     }
 }
 
@@ -134,17 +150,25 @@ impl Attention {
         if let Some(cap) = self.softcap {
             scores = soft_cap(&scores, cap)?;
         }
-        let scores = scores
-            .reshape((b, self.kv_heads, group, l, s))?
-            .broadcast_add(&mask.unsqueeze(2)?)?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, self.kv_heads, group * l, s))?;
+        let scores = scores.reshape((b, self.kv_heads, group, l, s))?;
+        let probs = autodiff::masked_softmax_last_dim(&scores, &mask.unsqueeze(2)?)?;
+        let probs = probs.reshape((b, self.kv_heads, group * l, s))?;
         let ctx = probs
             .matmul(&v)?
             .reshape((b, self.heads, l, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
         self.o_proj.forward(&ctx)
+    }
+
+    fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {
+        self.q_proj
+            .visit_params_mut(&format!("{prefix}.q_proj"), f)?;
+        self.k_proj
+            .visit_params_mut(&format!("{prefix}.k_proj"), f)?;
+        self.v_proj
+            .visit_params_mut(&format!("{prefix}.v_proj"), f)?;
+        self.o_proj.visit_params_mut(&format!("{prefix}.o_proj"), f)
     }
 }
 
@@ -160,6 +184,15 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = activation(&self.gate_proj.forward(x)?, self.act)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+
+    fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {
+        self.gate_proj
+            .visit_params_mut(&format!("{prefix}.gate_proj"), f)?;
+        self.up_proj
+            .visit_params_mut(&format!("{prefix}.up_proj"), f)?;
+        self.down_proj
+            .visit_params_mut(&format!("{prefix}.down_proj"), f)
     }
 }
 
@@ -202,6 +235,24 @@ impl DecoderLayer {
                 h + m
             }
         }
+    }
+
+    /// In the order of transformers' `named_parameters`.
+    fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {
+        self.self_attn
+            .visit_params_mut(&format!("{prefix}.self_attn"), f)?;
+        self.mlp.visit_params_mut(&format!("{prefix}.mlp"), f)?;
+        self.input_layernorm
+            .visit_params_mut(&format!("{prefix}.input_layernorm"), f)?;
+        self.post_attention_layernorm
+            .visit_params_mut(&format!("{prefix}.post_attention_layernorm"), f)?;
+        if let Some(n) = &mut self.pre_feedforward_layernorm {
+            n.visit_params_mut(&format!("{prefix}.pre_feedforward_layernorm"), f)?;
+        }
+        if let Some(n) = &mut self.post_feedforward_layernorm {
+            n.visit_params_mut(&format!("{prefix}.post_feedforward_layernorm"), f)?;
+        }
+        Ok(())
     }
 }
 
@@ -295,6 +346,18 @@ impl Decoder {
 
     pub fn config(&self) -> &TextConfig {
         &self.cfg
+    }
+
+    /// Every parameter under its Hub name (`language_model.model.*`); the embedding is tied to
+    /// the output head, so it appears once.
+    pub fn visit_params_mut(&mut self, f: VisitParams<'_>) -> Result<()> {
+        let p = "language_model.model";
+        self.embed_tokens
+            .visit_params_mut(&format!("{p}.embed_tokens"), f)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.visit_params_mut(&format!("{p}.layers.{i}"), f)?;
+        }
+        self.norm.visit_params_mut(&format!("{p}.norm"), f)
     }
 
     /// Token embeddings `[n, hidden]`, scaled by `sqrt(hidden)`.

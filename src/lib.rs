@@ -11,6 +11,8 @@
 //! - output: [`generate`], [`sampling`], [`score`], [`parse`] (boxes), [`vqvae`] and [`mask`]
 //!   (segmentation masks), [`annotate`] (pictures)
 //! - data: [`shapes`] (a synthetic dataset for fine-tuning)
+//! - fine-tuning: [`train`] (trained parameters, loss, AdamW), [`ops::autodiff`] (gradients of
+//!   the fused kernels)
 
 pub mod annotate;
 pub mod attention_mask;
@@ -36,6 +38,7 @@ pub mod shapes;
 pub mod siglip;
 pub mod task;
 pub mod tokenizer;
+pub mod train;
 pub mod video;
 pub mod vqvae;
 pub mod weights;

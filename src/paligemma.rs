@@ -4,7 +4,7 @@
 use crate::checkpoint::ModelFiles;
 use crate::config::{GenerationDefaults, PaliGemmaConfig};
 use crate::gemma::Decoder;
-use crate::ops::linear::{Linear, WeightFormat};
+use crate::ops::linear::{Linear, VisitParams, WeightFormat};
 use crate::siglip::VisionTower;
 use crate::weights::WeightStore;
 use anyhow::{Context, Result, bail};
@@ -69,6 +69,15 @@ impl PaliGemma {
 
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
+    }
+
+    /// Every parameter, under its Hub name: vision tower, projector, decoder. `f` may replace
+    /// a tensor with one of the same shape (training makes the selected ones variables).
+    pub fn visit_params_mut(&mut self, f: VisitParams<'_>) -> candle_core::Result<()> {
+        self.vision.visit_params_mut(f)?;
+        self.projector
+            .visit_params_mut("multi_modal_projector.linear", f)?;
+        self.decoder.visit_params_mut(f)
     }
 
     /// Pixel values `[n, 3, R, R]` → projected image tokens `[n, (R/14)², text_hidden]`,

@@ -2,7 +2,8 @@
 //! + learned positions → pre-LN transformer encoder → final LayerNorm. No pooling head.
 
 use crate::config::{Activation, VisionConfig};
-use crate::ops::linear::{Linear, WeightFormat};
+use crate::ops::autodiff;
+use crate::ops::linear::{Linear, VisitParams, WeightFormat};
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::{Device, Result, Tensor};
 
@@ -52,7 +53,12 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        autodiff::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+
+    fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {
+        f(&format!("{prefix}.weight"), &mut self.weight)?;
+        f(&format!("{prefix}.bias"), &mut self.bias)
     }
 }
 
@@ -80,9 +86,16 @@ impl SelfAttention {
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = autodiff::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.out.forward(&ctx)
+    }
+
+    fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {
+        self.q.visit_params_mut(&format!("{prefix}.q_proj"), f)?;
+        self.k.visit_params_mut(&format!("{prefix}.k_proj"), f)?;
+        self.v.visit_params_mut(&format!("{prefix}.v_proj"), f)?;
+        self.out.visit_params_mut(&format!("{prefix}.out_proj"), f)
     }
 }
 
@@ -101,6 +114,17 @@ impl EncoderLayer {
         let x = (x + self.attn.forward(&self.layer_norm1.forward(x)?)?)?;
         let h = activation(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?, self.act)?;
         x + self.fc2.forward(&h)?
+    }
+
+    fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {
+        self.layer_norm1
+            .visit_params_mut(&format!("{prefix}.layer_norm1"), f)?;
+        self.attn
+            .visit_params_mut(&format!("{prefix}.self_attn"), f)?;
+        self.layer_norm2
+            .visit_params_mut(&format!("{prefix}.layer_norm2"), f)?;
+        self.fc1.visit_params_mut(&format!("{prefix}.mlp.fc1"), f)?;
+        self.fc2.visit_params_mut(&format!("{prefix}.mlp.fc2"), f)
     }
 }
 
@@ -191,5 +215,23 @@ impl VisionTower {
             x = layer.forward(&x)?;
         }
         self.post_layernorm.forward(&x)
+    }
+
+    /// Every parameter under its Hub name (`vision_tower.vision_model.*`). The patch
+    /// embedding's convolution kernel is held flattened, `[hidden, 3·p·p]` (the checkpoint's
+    /// `[hidden, 3, p, p]` in row-major order).
+    pub fn visit_params_mut(&mut self, f: VisitParams<'_>) -> Result<()> {
+        let p = "vision_tower.vision_model";
+        self.patch_embedding
+            .visit_params_mut(&format!("{p}.embeddings.patch_embedding"), f)?;
+        f(
+            &format!("{p}.embeddings.position_embedding.weight"),
+            &mut self.position_embedding,
+        )?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.visit_params_mut(&format!("{p}.encoder.layers.{i}"), f)?;
+        }
+        self.post_layernorm
+            .visit_params_mut(&format!("{p}.post_layernorm"), f)
     }
 }

@@ -5,6 +5,7 @@
 //! our own kernel, accumulating in f32: candle's CPU matmul would widen the whole matrix on
 //! every call.
 
+use crate::ops::autodiff;
 use crate::weights::{Bf16Data, WeightStore, WeightsError};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -114,6 +115,15 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_features))?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("at least one dim") = self.out_features;
+        if x2.track_op() && !self.params_tracked() {
+            // Training through a frozen layer: the input's gradient only.
+            let Weight::F32(w) = &self.weight else {
+                candle_core::bail!("gradients cannot flow through bf16 weights; load f32 to train")
+            };
+            return autodiff::frozen_linear(&x2, w, self.bias.as_ref())?.reshape(out_dims);
+        }
         let y = match &self.weight {
             Weight::F32(w) => x2.matmul(&w.t()?)?,
             Weight::Bf16(w) => {
@@ -127,11 +137,38 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("at least one dim") = self.out_features;
         y.reshape(out_dims)
     }
+
+    /// Whether the weight or the bias is being trained (part of an autograd graph).
+    fn params_tracked(&self) -> bool {
+        let w = match &self.weight {
+            Weight::F32(w) => w.track_op(),
+            Weight::Bf16(_) => false,
+        };
+        w || self.bias.as_ref().is_some_and(|b| b.track_op())
+    }
+
+    /// Calls `f` on `{prefix}.weight` and `{prefix}.bias` (when present), which may replace
+    /// them (with trainable variables of the same shape).
+    pub fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {
+        let name = format!("{prefix}.weight");
+        match &mut self.weight {
+            Weight::F32(w) => f(&name, w)?,
+            Weight::Bf16(_) => {
+                candle_core::bail!("{name} is held in bf16; training needs the model loaded in f32")
+            }
+        }
+        if let Some(b) = &mut self.bias {
+            f(&format!("{prefix}.bias"), b)?;
+        }
+        Ok(())
+    }
 }
+
+/// A visitor over a model's parameters by checkpoint (Hub) name; it may replace a tensor with
+/// another of the same shape, such as a trainable [`candle_core::Var`]'s.
+pub type VisitParams<'a> = &'a mut dyn FnMut(&str, &mut Tensor) -> Result<()>;
 
 /// Multiplies `x` `[m, k]` by the transpose of bf16 `w` `[n, k]`, giving `[m, n]`.
 pub fn matmul_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
