@@ -36,6 +36,8 @@ enum Command {
     Parse(cli::locate::ParseArgs),
     /// Write a synthetic dataset of coloured shapes (captions, VQA, detection) as JSONL.
     Shapes(cli::shapes::ShapesArgs),
+    /// Fine-tune on a JSONL dataset; writes a Hub-layout checkpoint folder (resumable).
+    Train(cli::train::TrainArgs),
 }
 
 fn main() {
@@ -49,6 +51,7 @@ fn main() {
         Command::Segment(args) => cli::locate::segment(args),
         Command::Parse(args) => cli::locate::parse(args),
         Command::Shapes(args) => cli::shapes::run(args),
+        Command::Train(args) => cli::train::run(args),
     };
     if let Err(e) = result {
         // One line: the chain of causes, outermost first.

@@ -5,6 +5,7 @@ pub mod locate;
 pub mod run;
 pub mod shapes;
 pub mod tasks;
+pub mod train;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};

@@ -8,10 +8,17 @@
 //! The model is the inference model with the selected weights turned into variables
 //! ([`params::make_trainable`]): the forward pass is the same code, and the fused kernels
 //! gain gradients through [`crate::ops::autodiff`].
+//!
+//! Around the step: [`data`] (JSONL datasets, seeded order), [`trainer`] (gradient
+//! accumulation, evaluation without a graph) and [`checkpoint`] (Hub-layout saving, resumable
+//! trainer state); `paligemma train` puts them together.
 
+pub mod checkpoint;
+pub mod data;
 pub mod loss;
 pub mod optim;
 pub mod params;
+pub mod trainer;
 
 use crate::paligemma::PaliGemma;
 use anyhow::Result;

@@ -64,12 +64,13 @@ impl AdamWConfig {
     }
 }
 
-/// Per-parameter state: first and second moments and the number of updates so far.
-#[derive(Debug, Clone)]
-struct Moments {
-    m: Vec<f32>,
-    v: Vec<f32>,
-    steps: u64,
+/// Per-parameter state: first and second moments and the number of updates so far (what a
+/// checkpoint must keep for a resumed run to continue exactly).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub steps: u64,
 }
 
 pub struct AdamW {
@@ -114,6 +115,31 @@ impl AdamW {
     /// Steps taken so far: the schedule's step index for the next one.
     pub fn steps(&self) -> usize {
         self.steps
+    }
+
+    /// Each parameter's moments, in the order of [`Self::params`].
+    pub fn moments(&self) -> &[Moments] {
+        &self.state
+    }
+
+    /// Restores the state a saved run reached: `steps` taken and each parameter's moments.
+    pub fn restore(&mut self, steps: usize, moments: Vec<Moments>) -> Result<()> {
+        if moments.len() != self.params.len() {
+            bail!(
+                "optimizer state for {} parameters, the optimizer has {}",
+                moments.len(),
+                self.params.len()
+            );
+        }
+        for (p, st) in self.params.iter().zip(&moments) {
+            let n = p.var.elem_count();
+            if st.m.len() != n || st.v.len() != n {
+                bail!("optimizer state of {} does not have its {n} values", p.name);
+            }
+        }
+        self.state = moments;
+        self.steps = steps;
+        Ok(())
     }
 
     /// Updates every parameter that has a gradient (`grads` in the order of [`Self::params`]).

@@ -1,0 +1,405 @@
+//! `paligemma train`: fine-tunes a checkpoint on a JSONL dataset and saves a Hub-layout folder
+//! that this program and transformers load, resumable with `--resume`.
+
+use super::{DTypeArg, ModelArgs, Session};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use paligemma::checkpoint::ModelFiles;
+use paligemma::train::checkpoint::{self, Settings, TrainerState};
+use paligemma::train::data::{Cursor, Dataset, Encoder, Sampler};
+use paligemma::train::loss::Example;
+use paligemma::train::optim::{AdamW, AdamWConfig, CosineSchedule};
+use paligemma::train::params::{self, Param, Selection};
+use paligemma::train::trainer::{self, accumulated_step, without_gradients};
+use serde_json::json;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Gradients are clipped to this global norm, as in big_vision's and HF's recipes.
+const MAX_GRAD_NORM: f64 = 1.0;
+/// Steps averaged in the progress bar's loss.
+const BAR_WINDOW: usize = 20;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The checkpoint to start from (folder in the Hub layout or Hub id). With --resume the
+    /// model comes from --out instead.
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<String>,
+    /// Training data: JSONL lines {"image", "prefix", "suffix"}, image paths relative to the
+    /// file (as `paligemma shapes` writes).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output folder: the fine-tuned checkpoint, trainer state and log.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Evaluation data (same format): mean per-example suffix loss, logged.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// What to train: attn (decoder attention projections), llm (the whole decoder) or all.
+    #[arg(long, default_value = "attn")]
+    pub train: String,
+    /// Number of optimizer steps (default: one epoch).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Number of passes over the data, rounded up to whole steps.
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Examples per micro-batch (one forward pass).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Seed of the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a training line to log.jsonl every this many steps.
+    #[arg(long, default_value_t = 1)]
+    pub log_every: usize,
+    /// Evaluate every this many steps (and at the start and the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Save a resumable checkpoint every this many steps (and at the end).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Stop (and save) once this step is reached; --resume continues to --steps later.
+    #[arg(long)]
+    pub stop_at: Option<usize>,
+    /// Continue the run saved in --out, with the same flags.
+    #[arg(long)]
+    pub resume: bool,
+    /// Leave out bad dataset lines (with a warning) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+impl TrainArgs {
+    /// Checks the flags before anything is loaded.
+    fn check(&self) -> Result<Selection> {
+        let selection: Selection = self.train.parse().context("--train")?;
+        for (name, v) in [
+            ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+            ("--log-every", self.log_every),
+            ("--eval-every", self.eval_every.unwrap_or(1)),
+            ("--save-every", self.save_every.unwrap_or(1)),
+            ("--steps", self.steps.unwrap_or(1)),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if let Some(e) = self.epochs
+            && !(e.is_finite() && e > 0.0)
+        {
+            bail!("--epochs must be a finite number > 0");
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            bail!("--lr must be a finite number ≥ 0");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("--weight-decay must be a finite number ≥ 0");
+        }
+        if self.resume && !checkpoint::has_state(&self.out) {
+            bail!(
+                "--resume: {} holds no {}",
+                self.out.display(),
+                checkpoint::STATE_JSON
+            );
+        }
+        if !self.resume
+            && (self.out.join(checkpoint::MODEL_FILE).exists() || checkpoint::has_state(&self.out))
+        {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                self.out.display()
+            );
+        }
+        Ok(selection)
+    }
+
+    fn examples_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
+
+    fn total_steps(&self, dataset_size: usize) -> usize {
+        self.steps.unwrap_or_else(|| {
+            let examples = self.epochs.unwrap_or(1.0) * dataset_size as f64;
+            ((examples / self.examples_per_step() as f64).ceil() as usize).max(1)
+        })
+    }
+}
+
+/// The model being trained and what it is trained with.
+struct Run {
+    session: Session,
+    /// Folder the configuration files are copied from.
+    source: PathBuf,
+    params: Vec<Param>,
+    train: Dataset,
+    eval: Option<Dataset>,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let selection = args.check()?;
+    let mut run = load(&args, selection)?;
+    let settings = Settings {
+        train: args.train.clone(),
+        seed: args.seed,
+        dataset_size: run.train.len(),
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        total_steps: args.total_steps(run.train.len()),
+        lr: args.lr,
+        warmup: args.warmup,
+        weight_decay: args.weight_decay,
+    };
+    let cfg = AdamWConfig {
+        weight_decay: args.weight_decay,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(run.params.clone(), cfg)?;
+    let cursor = if args.resume {
+        let (state, moments) = checkpoint::load_state(&args.out)?;
+        settings.check_same(&state.settings)?;
+        checkpoint::restore_optimizer(&mut opt, &state, &moments)?;
+        state.data
+    } else {
+        Cursor::default()
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let log = Log::open(&args.out.join("log.jsonl"), args.resume)?;
+    train_loop(&args, &mut run, &mut opt, settings, cursor, log)
+}
+
+fn load(args: &TrainArgs, selection: Selection) -> Result<Run> {
+    let spec = match (&args.model, args.resume) {
+        (_, true) => args.out.to_string_lossy().into_owned(),
+        (Some(m), false) => m.clone(),
+        (None, false) => bail!("--model is required"),
+    };
+    let files = ModelFiles::resolve(&spec)?;
+    if files.is_big_vision() {
+        bail!(
+            "training starts from a checkpoint folder in the Hub layout (config.json, \
+             model.safetensors); {spec} is a big_vision .npz"
+        );
+    }
+    let mut session = Session::load(&ModelArgs {
+        model: spec,
+        dtype: DTypeArg::F32,
+    })?;
+    let enc = Encoder {
+        tokenizer: &session.tokenizer,
+        config: &session.model.config,
+        preprocessor: &session.preprocessor,
+    };
+    let train = load_dataset(&args.data, &enc, args.skip_bad)?;
+    let eval = match &args.eval {
+        Some(p) => Some(load_dataset(p, &enc, args.skip_bad)?),
+        None => None,
+    };
+    let params = params::make_trainable(&mut session.model, selection)?;
+    eprintln!(
+        "training {} parameters ({} values) on {} examples",
+        params.len(),
+        params::count(&params),
+        train.len()
+    );
+    Ok(Run {
+        session,
+        source: files.dir,
+        params,
+        train,
+        eval,
+    })
+}
+
+fn load_dataset(path: &Path, enc: &Encoder<'_>, skip_bad: bool) -> Result<Dataset> {
+    let d = Dataset::load(path, enc, skip_bad)?;
+    for (line, why) in &d.skipped {
+        eprintln!("warning: {}, line {line} skipped: {why}", path.display());
+    }
+    Ok(d)
+}
+
+fn train_loop(
+    args: &TrainArgs,
+    run: &mut Run,
+    opt: &mut AdamW,
+    settings: Settings,
+    cursor: Cursor,
+    mut log: Log,
+) -> Result<()> {
+    let total = settings.total_steps;
+    let stop = args.stop_at.unwrap_or(total).min(total);
+    let schedule = CosineSchedule {
+        peak_lr: args.lr,
+        warmup_steps: args.warmup,
+        total_steps: total,
+    };
+    let mut sampler = Sampler::new(run.train.len(), args.seed, cursor)?;
+    let bar = progress_bar(total, opt.steps())?;
+    if opt.steps() == 0 {
+        evaluate(args, run, 0, &mut log, &bar)?;
+    }
+    let t0 = Instant::now();
+    let mut seen = 0usize;
+    let mut window: VecDeque<f32> = VecDeque::new();
+    let mut since_log: Vec<f32> = Vec::new();
+    while opt.steps() < stop {
+        let micro = next_step_examples(args, run, &mut sampler)?;
+        let report = accumulated_step(
+            &run.session.model,
+            opt,
+            &schedule,
+            &micro,
+            Some(MAX_GRAD_NORM),
+        )?;
+        let step = opt.steps();
+        seen += args.examples_per_step();
+        let rate = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        window.push_back(report.loss);
+        if window.len() > BAR_WINDOW {
+            window.pop_front();
+        }
+        since_log.push(report.loss);
+        let running = trainer::mean(window.make_contiguous());
+        bar.set_position(step as u64);
+        bar.set_message(format!(
+            "loss {running:.4}  lr {:.2e}  {rate:.1} ex/s",
+            report.lr
+        ));
+        if step.is_multiple_of(args.log_every) || step == stop {
+            let c = sampler.cursor();
+            log.write(json!({
+                "type": "train",
+                "step": step,
+                "epoch": c.epoch as f64 + c.position as f64 / run.train.len() as f64,
+                "loss": trainer::mean(&since_log),
+                "lr": report.lr,
+                "grad_norm": report.grad_norm,
+                "examples_per_s": rate,
+            }))?;
+            since_log.clear();
+        }
+        if args.eval_every.is_some_and(|k| step.is_multiple_of(k)) || step == total {
+            evaluate(args, run, step, &mut log, &bar)?;
+        }
+        if args.save_every.is_some_and(|k| step.is_multiple_of(k)) && step != stop {
+            save(run, opt, &settings, sampler.cursor(), &args.out)?;
+        }
+    }
+    save(run, opt, &settings, sampler.cursor(), &args.out)?;
+    bar.finish_and_clear();
+    let status = if opt.steps() < total {
+        format!(
+            "stopped at step {} of {total}; continue with --resume",
+            opt.steps()
+        )
+    } else {
+        format!("trained {total} steps")
+    };
+    println!("{status}; saved to {}", args.out.display());
+    Ok(())
+}
+
+fn progress_bar(total: usize, at: usize) -> Result<ProgressBar> {
+    let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} steps  {msg}  {elapsed} (eta {eta})",
+    )?);
+    bar.set_position(at as u64);
+    Ok(bar)
+}
+
+/// The micro-batches of the next step, images decoded.
+fn next_step_examples(
+    args: &TrainArgs,
+    run: &Run,
+    sampler: &mut Sampler,
+) -> Result<Vec<Vec<Example>>> {
+    let s = &run.session;
+    (0..args.grad_accum)
+        .map(|_| {
+            run.train
+                .examples(&sampler.take(args.batch_size), &s.preprocessor, &s.device)
+        })
+        .collect()
+}
+
+/// Mean per-example suffix loss over the evaluation set (if any), printed and logged.
+fn evaluate(
+    args: &TrainArgs,
+    run: &mut Run,
+    step: usize,
+    log: &mut Log,
+    bar: &ProgressBar,
+) -> Result<()> {
+    let Some(data) = &run.eval else {
+        return Ok(());
+    };
+    let s = &mut run.session;
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let losses = without_gradients(&mut s.model, &run.params, |model| {
+        let mut all = Vec::with_capacity(data.len());
+        for chunk in indices.chunks(args.batch_size) {
+            let batch = data.examples(chunk, &s.preprocessor, &s.device)?;
+            all.extend(trainer::example_losses(model, &batch, args.batch_size)?);
+        }
+        Ok(all)
+    })?;
+    let loss = trainer::mean(&losses);
+    bar.suspend(|| {
+        println!(
+            "step {step}: eval loss {loss:.4} ({} examples)",
+            losses.len()
+        )
+    });
+    log.write(json!({"type": "eval", "step": step, "loss": loss, "examples": losses.len()}))
+}
+
+fn save(run: &mut Run, opt: &AdamW, settings: &Settings, data: Cursor, out: &Path) -> Result<()> {
+    let state = TrainerState {
+        step: opt.steps(),
+        data,
+        settings: settings.clone(),
+        param_steps: opt.moments().iter().map(|m| m.steps).collect(),
+    };
+    checkpoint::save(&mut run.session.model, opt, &state, &run.source, out)
+}
+
+/// `log.jsonl`: one JSON object per line, flushed as written so a crash keeps what was logged.
+struct Log(File);
+
+impl Log {
+    fn open(path: &Path, append: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self(file))
+    }
+
+    fn write(&mut self, value: serde_json::Value) -> Result<()> {
+        writeln!(self.0, "{value}")?;
+        Ok(self.0.flush()?)
+    }
+}
