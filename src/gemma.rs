@@ -348,6 +348,27 @@ impl Decoder {
         &self.cfg
     }
 
+    /// The linear layers of every decoder layer (`q/k/v/o_proj`, `gate/up/down_proj`) under
+    /// their Hub module names (`language_model.model.layers.{i}.self_attn.q_proj`, ...).
+    pub fn visit_layer_linears_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("language_model.model.layers.{i}");
+            let a = &mut layer.self_attn;
+            f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj)?;
+            f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj)?;
+            f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj)?;
+            f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj)?;
+            let m = &mut layer.mlp;
+            f(&format!("{p}.mlp.gate_proj"), &mut m.gate_proj)?;
+            f(&format!("{p}.mlp.up_proj"), &mut m.up_proj)?;
+            f(&format!("{p}.mlp.down_proj"), &mut m.down_proj)?;
+        }
+        Ok(())
+    }
+
     /// Every parameter under its Hub name (`language_model.model.*`); the embedding is tied to
     /// the output head, so it appears once.
     pub fn visit_params_mut(&mut self, f: VisitParams<'_>) -> Result<()> {

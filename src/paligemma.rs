@@ -80,6 +80,14 @@ impl PaliGemma {
         self.decoder.visit_params_mut(f)
     }
 
+    /// The decoder layers' linear layers by Hub module name: where LoRA adapters go.
+    pub fn visit_decoder_linears_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut crate::ops::linear::Linear) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        self.decoder.visit_layer_linears_mut(f)
+    }
+
     /// Pixel values `[n, 3, R, R]` → projected image tokens `[n, (R/14)², text_hidden]`,
     /// unscaled: the projector's output enters the decoder as it is.
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {

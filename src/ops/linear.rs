@@ -29,6 +29,17 @@ pub struct Linear {
     bias: Option<Tensor>,
     out_features: usize,
     in_features: usize,
+    /// A LoRA adapter added to the output (training); `None` at inference.
+    lora: Option<LoraAdapter>,
+}
+
+/// A low-rank update `scale · B (A x)` added to a layer's output: `a` `[r, in]`, `b` `[out, r]`
+/// (f32), `scale = alpha / r`, as PEFT's `LoraLayer` with dropout 0.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
 }
 
 impl Linear {
@@ -58,6 +69,7 @@ impl Linear {
             bias,
             out_features,
             in_features,
+            lora: None,
         })
     }
 
@@ -68,11 +80,50 @@ impl Linear {
             bias,
             out_features,
             in_features,
+            lora: None,
         })
     }
 
     pub fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Attaches (or with `None` removes) a LoRA adapter; shapes are checked.
+    pub fn set_lora(&mut self, lora: Option<LoraAdapter>) -> Result<()> {
+        if let Some(l) = &lora {
+            let (r, i) = l.a.dims2()?;
+            let (o, r2) = l.b.dims2()?;
+            if i != self.in_features || o != self.out_features || r != r2 {
+                candle_core::bail!(
+                    "LoRA shapes A [{r}, {i}], B [{o}, {r2}] do not fit a [{}, {}] layer",
+                    self.out_features,
+                    self.in_features
+                )
+            }
+        }
+        self.lora = lora;
+        Ok(())
+    }
+
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// Folds the adapter into the weight, `W + scale · B A` (f32 weights only), and removes it.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let Some(l) = self.lora.take() else {
+            return Ok(());
+        };
+        let Weight::F32(w) = &self.weight else {
+            candle_core::bail!("merging LoRA needs the model loaded in f32")
+        };
+        let delta = (l.b.detach().matmul(&l.a.detach())? * l.scale)?;
+        self.weight = Weight::F32((w.detach() + delta)?);
+        Ok(())
     }
 
     /// Rows of the weight matrix as f32 `[ids.len(), in]`: a tied embedding's lookup.
@@ -117,12 +168,23 @@ impl Linear {
         let x2 = x.reshape((rows, self.in_features))?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("at least one dim") = self.out_features;
+        let y = self.forward_base(&x2, rows)?;
+        let y = match &self.lora {
+            None => y,
+            Some(l) => (y + (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
+        };
+        y.reshape(out_dims)
+    }
+
+    /// `x2` `[rows, in]` → `W x + b` `[rows, out]`, without the adapter.
+    fn forward_base(&self, x2: &Tensor, rows: usize) -> Result<Tensor> {
+        let x = x2;
         if x2.track_op() && !self.params_tracked() {
             // Training through a frozen layer: the input's gradient only.
             let Weight::F32(w) = &self.weight else {
                 candle_core::bail!("gradients cannot flow through bf16 weights; load f32 to train")
             };
-            return autodiff::frozen_linear(&x2, w, self.bias.as_ref())?.reshape(out_dims);
+            return autodiff::frozen_linear(x2, w, self.bias.as_ref());
         }
         let y = match &self.weight {
             Weight::F32(w) => x2.matmul(&w.t()?)?,
@@ -133,11 +195,10 @@ impl Linear {
                 Tensor::from_vec(yv, (rows, self.out_features), x.device())?
             }
         };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        y.reshape(out_dims)
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     /// Whether the weight or the bias is being trained (part of an autograd graph).
@@ -161,6 +222,10 @@ impl Linear {
         }
         if let Some(b) = &mut self.bias {
             f(&format!("{prefix}.bias"), b)?;
+        }
+        if let Some(l) = &mut self.lora {
+            f(&format!("{prefix}.lora_A.weight"), &mut l.a)?;
+            f(&format!("{prefix}.lora_B.weight"), &mut l.b)?;
         }
         Ok(())
     }
