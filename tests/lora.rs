@@ -4,9 +4,9 @@
 //! `make_train_fixtures.py`; and the merged model's logits against the adapted model's.
 
 use candle_core::{Device, Tensor};
+use paligemma::attention_mask::additive_mask;
 use paligemma::checkpoint::ModelFiles;
 use paligemma::ops::linear::WeightFormat;
-use paligemma::attention_mask::additive_mask;
 use paligemma::paligemma::PaliGemma;
 use paligemma::preprocess::PreprocessorConfig;
 use paligemma::prompt;
@@ -58,8 +58,10 @@ fn load() -> Case {
                 .unwrap()
                 .iter()
                 .map(|f| {
-                    paligemma::image::load_image(&fixtures().join("models").join(f.as_str().unwrap()))
-                        .unwrap()
+                    paligemma::image::load_image(
+                        &fixtures().join("models").join(f.as_str().unwrap()),
+                    )
+                    .unwrap()
                 })
                 .collect();
             let seq = prompt::with_suffix(
@@ -78,7 +80,10 @@ fn load() -> Case {
         .collect();
     let adapter = reference
         .iter()
-        .filter_map(|(k, v)| k.strip_prefix("adapter.").map(|k| (k.to_string(), v.clone())))
+        .filter_map(|(k, v)| {
+            k.strip_prefix("adapter.")
+                .map(|k| (k.to_string(), v.clone()))
+        })
         .collect();
     Case {
         json: lora_json,
@@ -104,7 +109,10 @@ fn logits(model: &PaliGemma, examples: &[Example]) -> Tensor {
     let x = Tensor::stack(&embedded, 0).unwrap();
     let mask = additive_mask(&c.rows, 0, c.len(), &Device::Cpu).unwrap();
     let positions: Vec<Vec<u32>> = c.rows.iter().map(|r| r.positions()).collect();
-    let hidden = model.decoder().forward(&x, &positions, &mask, None).unwrap();
+    let hidden = model
+        .decoder()
+        .forward(&x, &positions, &mask, None)
+        .unwrap();
     model.decoder().logits(&hidden).unwrap()
 }
 
@@ -138,7 +146,10 @@ fn lora_loss_and_gradients_match_peft() {
     let out = loss::loss(&c.model, &c.examples, Reduction::PerExample).unwrap();
     let l = out.loss.to_scalar::<f32>().unwrap() as f64;
     let want = c.json["loss"].as_f64().unwrap();
-    println!("lora loss {l:.7} vs PEFT {want:.7} (diff {:.2e})", (l - want).abs());
+    println!(
+        "lora loss {l:.7} vs PEFT {want:.7} (diff {:.2e})",
+        (l - want).abs()
+    );
     assert!((l - want).abs() < LOSS_TOL);
     let store = out.loss.backward().unwrap();
     let grads = optim::gradients(&params, &store);
@@ -146,13 +157,24 @@ fn lora_loss_and_gradients_match_peft() {
     for (p, g) in params.iter().zip(&grads) {
         let key = lora::peft_name(&p.name);
         let r = &c.reference[&format!("grad.{key}")];
-        let norm = r.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let norm = r
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         assert!(norm > 0.0, "{key}: zero reference gradient");
         let rel = max_abs(g.as_ref().expect("a gradient"), r) / norm;
         worst = worst.max(rel);
         assert!(rel < GRAD_REL_TOL, "{key}: relative error {rel:.2e}");
     }
-    println!("{} lora gradients, worst relative error {worst:.2e}", grads.len());
+    println!(
+        "{} lora gradients, worst relative error {worst:.2e}",
+        grads.len()
+    );
 }
 
 #[test]
@@ -164,7 +186,18 @@ fn merged_model_matches_adapters_and_peft() {
     lora::merge(&mut c.model).unwrap();
     let merged = logits(&c.model, &c.examples);
     let d = max_abs(&with, &merged);
-    let top = with.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
-    println!("merged vs adapters max |Δlogit| {d:.2e} (max |logit| {top:.2}, relative {:.2e})", d / top);
+    let top = with
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    println!(
+        "merged vs adapters max |Δlogit| {d:.2e} (max |logit| {top:.2}, relative {:.2e})",
+        d / top
+    );
     assert!(d / top <= 1e-5, "{d} / {top}");
 }

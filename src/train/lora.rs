@@ -178,12 +178,7 @@ pub fn merge(model: &mut PaliGemma) -> Result<()> {
 }
 
 /// Writes `adapter_model.safetensors` (f32, PEFT keys) and `adapter_config.json` into `dir`.
-pub fn save_adapter(
-    model: &mut PaliGemma,
-    cfg: LoraConfig,
-    base: &str,
-    dir: &Path,
-) -> Result<()> {
+pub fn save_adapter(model: &mut PaliGemma, cfg: LoraConfig, base: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     model.visit_params_mut(&mut |name: &str, t: &mut Tensor| {
