@@ -3,7 +3,7 @@
 our implementation computes on it.
 
 Usage:
-    /work/venv/bin/python tools/check_saved_checkpoint.py OUT_DIR \
+    venv/bin/python tools/check_saved_checkpoint.py OUT_DIR \
         [--image IMG] [--prompt "caption en"] [--suffix "a red circle"] [--bin target/debug/paligemma]
 
 It runs `paligemma score --json` on the folder (which gives the exact token ids, image tokens

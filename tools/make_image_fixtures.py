@@ -7,7 +7,7 @@ resize changed in 13.0.0, so the version is pinned and checked).
 
 Run from the repository root:
 
-    /work/venv/bin/python tools/make_image_fixtures.py
+    venv/bin/python tools/make_image_fixtures.py
 
 Everything is derived from fixed seeds, so a second run rewrites identical files.
 """

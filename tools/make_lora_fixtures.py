@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """LoRA parity fixtures for tests/train_parity.rs (the `lora_*` tests).
 
-    /work/venv/bin/python tools/make_lora_fixtures.py tests/fixtures/train
+    venv/bin/python tools/make_lora_fixtures.py tests/fixtures/train
 
 On the tiny pg1-56 checkpoint and make_train_fixtures.py's 2-example batch: PEFT (peft 0.21)
 wraps PaliGemmaForConditionalGeneration with LoRA (r=2, alpha=4, dropout 0, target_modules the

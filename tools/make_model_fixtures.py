@@ -2,7 +2,7 @@
 """Generate tiny random PaliGemma 1/2 checkpoints plus reference outputs from HF transformers.
 
 Usage:
-    /work/venv/bin/python tools/make_model_fixtures.py tests/fixtures/models
+    venv/bin/python tools/make_model_fixtures.py tests/fixtures/models
 
 Pinned environment: tools/requirements.txt (torch 2.15.0 CPU, transformers 5.24.0, Pillow 13.0.0,
 safetensors 0.8.0, tokenizers 0.23.3). CI never runs this script; it only reads what it writes.

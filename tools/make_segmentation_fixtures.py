@@ -15,7 +15,7 @@ Three references, each computed with the library the Rust code must agree with:
 
 Run from the repository root:
 
-    /work/venv/bin/python tools/make_segmentation_fixtures.py
+    venv/bin/python tools/make_segmentation_fixtures.py
 
 Everything is derived from fixed seeds, so a second run rewrites identical files.
 """

@@ -5,7 +5,7 @@ The reference is the Python `tokenizers` library on tests/data/paligemma-tokeniz
 exactly as PaliGemmaProcessor does (no special tokens added: the processor forces add_bos/add_eos
 off and writes `<bos>` into the string itself).
 
-Run from the repository root:  /work/venv/bin/python tools/make_tokenizer_fixtures.py
+Run from the repository root:  venv/bin/python tools/make_tokenizer_fixtures.py
 The output is deterministic: every string is listed here or drawn from a seeded RNG.
 """
 

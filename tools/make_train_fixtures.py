@@ -2,7 +2,7 @@
 """Reference losses, gradients and AdamW steps from PyTorch for the Rust fine-tuning core.
 
 Usage:
-    /work/venv/bin/python tools/make_train_fixtures.py tests/fixtures/train
+    venv/bin/python tools/make_train_fixtures.py tests/fixtures/train
 
 Pinned environment: tools/requirements.txt (torch 2.15.0 CPU, transformers 5.24.0). CI never runs
 this script; `tests/train_parity.rs` reads what it writes.
