@@ -3,27 +3,21 @@
 //! key layout, the loss and every lora_A/lora_B gradient on the 2-example batch of
 //! `make_train_fixtures.py`; and the merged model's logits against the adapted model's.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use paligemma::attention_mask::additive_mask;
-use paligemma::checkpoint::ModelFiles;
-use paligemma::ops::linear::WeightFormat;
 use paligemma::paligemma::PaliGemma;
-use paligemma::preprocess::PreprocessorConfig;
-use paligemma::prompt;
-use paligemma::tokenizer::Tokenizer;
 use paligemma::train::lora;
 use paligemma::train::loss::{self, Example, Reduction};
 use paligemma::train::optim;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+
+use common::fixtures;
 
 const LOSS_TOL: f64 = 1e-5;
 const GRAD_REL_TOL: f64 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 struct Case {
     json: Value,
@@ -43,41 +37,8 @@ fn load() -> Case {
     let reference =
         candle_core::safetensors::load(train.join("lora-pg1-56.safetensors"), &Device::Cpu)
             .unwrap();
-    let dir = fixtures().join("models/pg1-56");
-    let files = ModelFiles::from_dir(&dir).unwrap();
-    let model = PaliGemma::load(&files, WeightFormat::F32, &Device::Cpu).unwrap();
-    let tok = Tokenizer::from_file(&files.tokenizer).unwrap();
-    let pre = PreprocessorConfig::load(&dir.join("preprocessor_config.json")).unwrap();
-    let examples = json["examples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let images: Vec<_> = e["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| {
-                    paligemma::image::load_image(
-                        &fixtures().join("models").join(f.as_str().unwrap()),
-                    )
-                    .unwrap()
-                })
-                .collect();
-            let seq = prompt::with_suffix(
-                &tok,
-                &model.config,
-                e["prompt"].as_str().unwrap(),
-                images.len(),
-                e["suffix"].as_str().unwrap(),
-            )
-            .unwrap();
-            Example {
-                seq,
-                pixels: Some(pre.to_tensor(&images, &Device::Cpu).unwrap()),
-            }
-        })
-        .collect();
+    let (model, tok, pre) = common::load_model("pg1-56");
+    let examples = common::train_examples(&json, &model, &tok, &pre);
     let adapter = reference
         .iter()
         .filter_map(|(k, v)| {

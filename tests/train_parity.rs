@@ -4,28 +4,23 @@
 //! transformers' per-token mean), every trained parameter's gradient for the `attn`, `llm` and
 //! `all` selections, and three AdamW steps with clipping and the warm-up cosine schedule.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use paligemma::checkpoint::ModelFiles;
-use paligemma::ops::linear::WeightFormat;
 use paligemma::paligemma::PaliGemma;
-use paligemma::preprocess::PreprocessorConfig;
-use paligemma::prompt;
-use paligemma::tokenizer::Tokenizer;
 use paligemma::train::loss::{self, Example, Reduction};
 use paligemma::train::optim::{self, AdamW, AdamWConfig, CosineSchedule, GradAccumulator};
 use paligemma::train::params::{self, Param, Selection};
 use paligemma::train::train_step;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use common::fixtures;
 
 const LOSS_TOL: f64 = 1e-5;
 const GRAD_REL_TOL: f64 = 1e-4;
 const WEIGHT_TOL: f32 = 1e-6;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 struct Case {
     name: &'static str,
@@ -45,40 +40,8 @@ impl Case {
         let reference =
             candle_core::safetensors::load(train.join(format!("{name}.safetensors")), &Device::Cpu)
                 .unwrap();
-        let dir = fixtures().join("models").join(name);
-        let files = ModelFiles::from_dir(&dir).unwrap();
-        let model = PaliGemma::load(&files, WeightFormat::F32, &Device::Cpu).unwrap();
-        let tok = Tokenizer::from_file(&files.tokenizer).unwrap();
-        let pre = PreprocessorConfig::load(&dir.join("preprocessor_config.json")).unwrap();
-        let examples = json["examples"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let images: Vec<_> = e["images"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|f| {
-                        let path = fixtures().join("models").join(f.as_str().unwrap());
-                        paligemma::image::load_image(&path).unwrap()
-                    })
-                    .collect();
-                let seq = prompt::with_suffix(
-                    &tok,
-                    &model.config,
-                    e["prompt"].as_str().unwrap(),
-                    images.len(),
-                    e["suffix"].as_str().unwrap(),
-                )
-                .unwrap();
-                let pixels = pre.to_tensor(&images, &Device::Cpu).unwrap();
-                Example {
-                    seq,
-                    pixels: Some(pixels),
-                }
-            })
-            .collect();
+        let (model, tok, pre) = common::load_model(name);
+        let examples = common::train_examples(&json, &model, &tok, &pre);
         Case {
             name,
             json,
@@ -194,9 +157,7 @@ fn reference_grads(case: &Case) -> impl Fn(&str) -> Tensor + '_ {
 
 fn trainable(case: &Case, selection: Selection) -> (PaliGemma, Vec<Param>) {
     // A fresh copy of the loaded model: making it trainable replaces its tensors.
-    let dir = fixtures().join("models").join(case.name);
-    let files = ModelFiles::from_dir(&dir).unwrap();
-    let mut model = PaliGemma::load(&files, WeightFormat::F32, &Device::Cpu).unwrap();
+    let (mut model, _, _) = common::load_model(case.name);
     let params = params::make_trainable(&mut model, selection).unwrap();
     (model, params)
 }
@@ -522,8 +483,13 @@ fn a_few_steps_on_a_tiny_batch_lower_the_loss() {
 #[test]
 fn bf16_models_are_refused_for_training() {
     let dir = fixtures().join("models/pg1-56");
-    let files = ModelFiles::from_dir(Path::new(&dir)).unwrap();
-    let mut model = PaliGemma::load(&files, WeightFormat::Bf16, &Device::Cpu).unwrap();
+    let files = paligemma::checkpoint::ModelFiles::from_dir(Path::new(&dir)).unwrap();
+    let mut model = PaliGemma::load(
+        &files,
+        paligemma::ops::linear::WeightFormat::Bf16,
+        &Device::Cpu,
+    )
+    .unwrap();
     let err = params::make_trainable(&mut model, Selection::Attn).unwrap_err();
     assert!(err.to_string().contains("f32"), "{err}");
 }
