@@ -46,18 +46,8 @@ impl ModelFiles {
     /// A folder holding `config.json`, `tokenizer.json`, and `model.safetensors` or a sharded
     /// `model.safetensors.index.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let need = |name: &str| -> Result<PathBuf> {
-            let p = dir.join(name);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                bail!("checkpoint folder {} has no {name}", dir.display())
-            }
-        };
-        let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
-        let config = need("config.json")?;
-        let tokenizer = need("tokenizer.json")?;
-        let weights = if dir.join(INDEX).is_file() {
+        let mut files = Self::without_weights(dir)?;
+        files.weights = if dir.join(INDEX).is_file() {
             let shards = crate::weights::WeightStore::shards_from_index(&dir.join(INDEX))?;
             if let Some(missing) = shards.iter().find(|s| !s.is_file()) {
                 bail!(
@@ -75,11 +65,27 @@ impl ModelFiles {
                 dir.display()
             )
         };
+        Ok(files)
+    }
+
+    /// A folder that describes a model but holds no weights yet (`config.json`,
+    /// `tokenizer.json`, optional preprocessor and generation configs): what training from
+    /// scratch starts from.
+    pub fn without_weights(dir: &Path) -> Result<Self> {
+        let need = |name: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                bail!("checkpoint folder {} has no {name}", dir.display())
+            }
+        };
+        let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
         Ok(Self {
             dir: dir.to_path_buf(),
-            config,
-            weights,
-            tokenizer,
+            config: need("config.json")?,
+            weights: Vec::new(),
+            tokenizer: need("tokenizer.json")?,
             preprocessor: optional("preprocessor_config.json"),
             generation_config: optional("generation_config.json"),
         })

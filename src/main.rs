@@ -38,6 +38,8 @@ enum Command {
     Shapes(cli::shapes::ShapesArgs),
     /// Fine-tune on a JSONL dataset; writes a Hub-layout checkpoint folder (resumable).
     Train(cli::train::TrainArgs),
+    /// Fold a LoRA adapter into its base model: writes a Hub-layout checkpoint folder.
+    MergeLora(cli::train::MergeLoraArgs),
 }
 
 fn main() {
@@ -52,6 +54,7 @@ fn main() {
         Command::Parse(args) => cli::locate::parse(args),
         Command::Shapes(args) => cli::shapes::run(args),
         Command::Train(args) => cli::train::run(args),
+        Command::MergeLora(args) => cli::train::merge_lora(args),
     };
     if let Err(e) = result {
         // One line: the chain of causes, outermost first.

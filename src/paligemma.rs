@@ -28,13 +28,16 @@ impl PaliGemma {
                 WeightStore::open(&files.weights)?,
             )
         };
-        if let Some(gen_cfg) = &files.generation_config
-            && let Some(eos) = GenerationDefaults::load_eos(gen_cfg)?
-            && !eos.is_empty()
-        {
-            config.eos_token_ids = eos;
-        }
+        apply_generation_config(&mut config, files)?;
         Self::from_store(config, &store, format, device)
+    }
+
+    /// The configuration of a Hub-layout folder: `config.json`, with the end-of-sequence ids
+    /// of `generation_config.json` when it names any (as transformers' `generate` uses them).
+    pub fn load_config(files: &ModelFiles) -> Result<PaliGemmaConfig> {
+        let mut config = PaliGemmaConfig::load(&files.config)?;
+        apply_generation_config(&mut config, files)?;
+        Ok(config)
     }
 
     pub fn from_store(
@@ -186,4 +189,14 @@ impl PaliGemma {
             })
             .collect()
     }
+}
+
+fn apply_generation_config(config: &mut PaliGemmaConfig, files: &ModelFiles) -> Result<()> {
+    if let Some(gen_cfg) = &files.generation_config
+        && let Some(eos) = GenerationDefaults::load_eos(gen_cfg)?
+        && !eos.is_empty()
+    {
+        config.eos_token_ids = eos;
+    }
+    Ok(())
 }

@@ -302,9 +302,9 @@ fn bad_inputs_are_one_line_errors_naming_the_line() {
     args[4] = "bad.jsonl";
     let err = one_line_error(&dir, &args);
     assert!(err.contains("line 2") && err.contains("positions"), "{err}");
-    let err = one_line_error(&dir, &train_args("out", &["--train", "lora"]));
+    let err = one_line_error(&dir, &train_args("out", &["--train", "vision"]));
     assert!(
-        err.contains("lora") && err.contains("attn, llm or all"),
+        err.contains("vision") && err.contains("attn, llm, all or lora"),
         "{err}"
     );
     let err = one_line_error(&dir, &train_args("out", &["--batch-size", "0"]));
@@ -321,5 +321,254 @@ fn bad_inputs_are_one_line_errors_naming_the_line() {
         ],
     );
     assert!(err.contains("trainer_state.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The JSON of `generate` with extra model flags (`--adapter`, `--dtype`): tokens and the
+/// per-step log-probabilities of the chosen tokens.
+fn generate_json(dir: &Path, model: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--image",
+        "image_a.png",
+        "--prompt",
+        "caption en",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_str(ok(dir, &args).trim()).unwrap()
+}
+
+#[test]
+fn lora_trains_adapters_alone_that_load_merge_and_resume() {
+    let dir = workspace("lora");
+    let common = [
+        "--train",
+        "lora",
+        "--rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--steps",
+        "6",
+        "--batch-size",
+        "3",
+        "--lr",
+        "3e-2",
+        "--seed",
+        "3",
+    ];
+    let stdout = ok(
+        &dir,
+        &train_args("lora", &[&common[..], &["--merge"]].concat()),
+    );
+    assert!(stdout.contains("trained 6 steps"), "{stdout}");
+    let out = dir.join("lora");
+    let train: Vec<f64> = log(&out)
+        .iter()
+        .filter(|l| l["type"] == "train")
+        .map(|l| l["loss"].as_f64().unwrap())
+        .collect();
+    assert!(train[5] < train[0], "{train:?}");
+
+    // PEFT's layout: adapter tensors only (A [r, in], B [out, r]) for all 7 projections of both
+    // decoder layers, and adapter_config.json; no full model.
+    assert!(!out.join("model.safetensors").exists());
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()),
+        (Some(4), Some(8.0))
+    );
+    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let adapter = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(adapter.names().len(), 2 * 7 * 2);
+    let a = adapter
+        .tensor("base_model.model.model.language_model.layers.1.mlp.down_proj.lora_A.weight")
+        .unwrap();
+    assert_eq!(a.shape(), &[4, 128]);
+    let b = adapter
+        .tensor("base_model.model.model.language_model.layers.1.self_attn.k_proj.lora_B.weight")
+        .unwrap();
+    assert_eq!(b.shape(), &[16, 4]);
+    assert!(
+        b.data().iter().any(|&x| x != 0),
+        "B starts at 0 and was trained"
+    );
+
+    // Base + adapter, the merged folder written by --merge, and merge-lora's folder generate
+    // the same tokens, with log-probs within float rounding; the base alone differs.
+    let base = model().to_str().unwrap().to_string();
+    let with_adapter = generate_json(&dir, &base, &["--adapter", "lora"]);
+    let merged = generate_json(&dir, "lora/merged", &[]);
+    ok(
+        &dir,
+        &[
+            "merge-lora",
+            "--model",
+            &base,
+            "--adapter",
+            "lora",
+            "--out",
+            "merged2",
+        ],
+    );
+    let merged2 = generate_json(&dir, "merged2", &[]);
+    let plain = generate_json(&dir, &base, &[]);
+    assert_eq!(with_adapter["tokens"], merged["tokens"]);
+    assert_eq!(merged["tokens"], merged2["tokens"]);
+    assert_ne!(with_adapter["tokens"], plain["tokens"]);
+    let lp = |v: &Value| -> Vec<f64> {
+        v["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for (x, y) in lp(&with_adapter).iter().zip(lp(&merged)) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+    // bf16 base weights take an f32 adapter too.
+    let bf16 = generate_json(&dir, &base, &["--adapter", "lora", "--dtype", "bf16"]);
+    assert!(bf16["tokens"].is_array(), "{bf16}");
+
+    // Stopping half-way and resuming (the base given again) gives the same bytes.
+    ok(
+        &dir,
+        &train_args("split", &[&common[..], &["--stop-at", "3"]].concat()),
+    );
+    ok(
+        &dir,
+        &train_args("split", &[&common[..], &["--resume"]].concat()),
+    );
+    ok(&dir, &train_args("straight", &common));
+    for f in [
+        "adapter_model.safetensors",
+        "trainer_state.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(
+            std::fs::read(dir.join("straight").join(f)).unwrap()
+                == std::fs::read(dir.join("split").join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+
+    // Misuse is a one-line error.
+    let err = one_line_error(
+        &dir,
+        &[
+            "train",
+            "--data",
+            "train.jsonl",
+            "--out",
+            "split",
+            "--resume",
+            "--train",
+            "lora",
+        ],
+    );
+    assert!(err.contains("--model"), "{err}");
+    let err = one_line_error(&dir, &train_args("x", &["--train", "attn", "--merge"]));
+    assert!(err.contains("--merge"), "{err}");
+    let err = one_line_error(&dir, &train_args("x", &["--train", "lora", "--rank", "0"]));
+    assert!(err.contains("--rank"), "{err}");
+    let err = one_line_error(&dir, &generate_args_with_adapter("image_a.png"));
+    assert!(err.contains("adapter"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `generate` with an adapter folder that does not exist.
+fn generate_args_with_adapter(image: &str) -> Vec<&str> {
+    let m = model().to_str().unwrap().to_string().leak() as &str;
+    vec![
+        "generate",
+        "--model",
+        m,
+        "--image",
+        image,
+        "--prompt",
+        "caption en",
+        "--adapter",
+        "no-such-adapter",
+    ]
+}
+
+#[test]
+fn training_from_scratch_starts_from_random_weights_of_the_config() {
+    let dir = workspace("init");
+    // A weightless folder: pg1-56's configuration and tokenizer.
+    let init = dir.join("init");
+    std::fs::create_dir_all(&init).unwrap();
+    for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+        std::fs::copy(model().join(f), init.join(f)).unwrap();
+    }
+    let args = |out: &'static str, seed: &'static str| {
+        vec![
+            "train",
+            "--init",
+            "init",
+            "--data",
+            "train.jsonl",
+            "--out",
+            out,
+            "--train",
+            "all",
+            "--steps",
+            "4",
+            "--batch-size",
+            "3",
+            "--lr",
+            "1e-3",
+            "--seed",
+            seed,
+        ]
+    };
+    ok(&dir, &args("a", "1"));
+    ok(&dir, &args("b", "1"));
+    ok(&dir, &args("c", "2"));
+    let read = |d: &str| std::fs::read(dir.join(d).join("model.safetensors")).unwrap();
+    assert!(read("a") == read("b"), "the same seed gives the same model");
+    assert!(read("a") != read("c"), "another seed gives another model");
+    // Every tensor of the fixture checkpoint, with its shape.
+    let src_bytes = std::fs::read(model().join("model.safetensors")).unwrap();
+    let a_bytes = read("a");
+    let (src, a) = (
+        SafeTensors::deserialize(&src_bytes).unwrap(),
+        SafeTensors::deserialize(&a_bytes).unwrap(),
+    );
+    let mut names = src.names();
+    names.sort();
+    let mut a_names = a.names();
+    a_names.sort();
+    assert_eq!(names, a_names);
+    for n in names {
+        assert_eq!(
+            src.tensor(n).unwrap().shape(),
+            a.tensor(n).unwrap().shape(),
+            "{n}"
+        );
+    }
+    // The new folder is a checkpoint (what a random model says is anyone's guess).
+    assert!(generate_json(&dir, "a", &[])["tokens"].is_array());
+    let err = one_line_error(
+        &dir,
+        &[
+            "train",
+            "--init",
+            "nowhere",
+            "--data",
+            "train.jsonl",
+            "--out",
+            "d",
+        ],
+    );
+    assert!(err.contains("nowhere"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

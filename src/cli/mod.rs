@@ -17,6 +17,7 @@ use paligemma::paligemma::PaliGemma;
 use paligemma::preprocess::{ImageSize, PreprocessorConfig};
 use paligemma::prompt;
 use paligemma::tokenizer::Tokenizer;
+use paligemma::train::lora;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -36,6 +37,10 @@ pub struct ModelArgs {
     /// Weight precision: f32, or bf16 (weights kept in bf16, f32 accumulation).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
+    /// A LoRA adapter folder (PEFT layout, as `paligemma train --train lora` writes) applied
+    /// on top of --model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -113,8 +118,26 @@ impl Session {
             DTypeArg::Bf16 => WeightFormat::Bf16,
         };
         let device = Device::Cpu;
-        let model = PaliGemma::load(&files, format, &device)
+        let mut model = PaliGemma::load(&files, format, &device)
             .with_context(|| format!("cannot load the model in {}", files.dir.display()))?;
+        if let Some(dir) = &args.adapter {
+            let (tensors, scale) = lora::load_adapter(dir)?;
+            lora::attach_values(&mut model, &tensors, scale)
+                .with_context(|| format!("--adapter {}", dir.display()))?;
+        }
+        let session = Self::with_model(model, &files)?;
+        eprintln!(
+            "loaded {} in {:.2}s",
+            args.model,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(session)
+    }
+
+    /// A session around a model already built from `files` (its tokenizer and preprocessor
+    /// are read from there).
+    pub fn with_model(model: PaliGemma, files: &ModelFiles) -> Result<Self> {
+        let device = model.device().clone();
         let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
         let size = model.config.vision.image_size as u32;
         let preprocessor = match &files.preprocessor {
@@ -131,11 +154,6 @@ impl Session {
                 preprocessor.size
             );
         }
-        eprintln!(
-            "loaded {} in {:.2}s",
-            args.model,
-            t0.elapsed().as_secs_f64()
-        );
         Ok(Self {
             model,
             tokenizer,

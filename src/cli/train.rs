@@ -8,6 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use paligemma::checkpoint::ModelFiles;
 use paligemma::train::checkpoint::{self, Settings, TrainerState};
 use paligemma::train::data::{Cursor, Dataset, Encoder, Sampler};
+use paligemma::train::init;
+use paligemma::train::lora::{self, LoraConfig};
 use paligemma::train::loss::Example;
 use paligemma::train::optim::{AdamW, AdamWConfig, CosineSchedule};
 use paligemma::train::params::{self, Param, Selection};
@@ -27,9 +29,14 @@ const BAR_WINDOW: usize = 20;
 #[derive(Args)]
 pub struct TrainArgs {
     /// The checkpoint to start from (folder in the Hub layout or Hub id). With --resume the
-    /// model comes from --out instead.
-    #[arg(long, required_unless_present = "resume")]
+    /// model comes from --out instead, except for LoRA, whose base model is given again.
+    #[arg(long, required_unless_present_any = ["resume", "init"], conflicts_with = "init")]
     pub model: Option<String>,
+    /// Train from scratch: a folder with config.json and tokenizer.json (and optionally
+    /// preprocessor_config.json, generation_config.json); weights start random, drawn with
+    /// --seed (see `paligemma::train::init`).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Training data: JSONL lines {"image", "prefix", "suffix"}, image paths relative to the
     /// file (as `paligemma shapes` writes).
     #[arg(long)]
@@ -40,9 +47,20 @@ pub struct TrainArgs {
     /// Evaluation data (same format): mean per-example suffix loss, logged.
     #[arg(long)]
     pub eval: Option<PathBuf>,
-    /// What to train: attn (decoder attention projections), llm (the whole decoder) or all.
+    /// What to train: attn (decoder attention projections), llm (the whole decoder), all, or
+    /// lora (adapters on the decoder's linear layers, saved alone in PEFT's layout).
     #[arg(long, default_value = "attn")]
     pub train: String,
+    /// LoRA rank (with --train lora).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha: adapters are scaled by alpha / rank (with --train lora; default: the rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// With --train lora: also write the base model with the adapters merged into it, a
+    /// Hub-layout checkpoint in OUT/merged.
+    #[arg(long)]
+    pub merge: bool,
     /// Number of optimizer steps (default: one epoch).
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
@@ -87,10 +105,45 @@ pub struct TrainArgs {
     pub skip_bad: bool,
 }
 
+/// What a run trains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Full(Selection),
+    Lora(LoraConfig),
+}
+
 impl TrainArgs {
     /// Checks the flags before anything is loaded.
-    fn check(&self) -> Result<Selection> {
-        let selection: Selection = self.train.parse().context("--train")?;
+    fn check(&self) -> Result<Mode> {
+        let mode = if self.train == "lora" {
+            let alpha = self.lora_alpha.unwrap_or(self.rank as f64);
+            if self.rank == 0 {
+                bail!("--rank must be at least 1");
+            }
+            if !(alpha.is_finite() && alpha > 0.0) {
+                bail!("--lora-alpha must be a finite number > 0");
+            }
+            if self.init.is_some() {
+                bail!("--train lora adapts a trained model: give it with --model, not --init");
+            }
+            if self.resume && self.model.is_none() {
+                bail!("--resume with --train lora needs the base model again: pass --model");
+            }
+            Mode::Lora(LoraConfig {
+                rank: self.rank,
+                alpha,
+                seed: self.seed,
+            })
+        } else {
+            if self.merge {
+                bail!("--merge is for --train lora");
+            }
+            let selection: Selection = self
+                .train
+                .parse()
+                .context("--train (attn, llm, all or lora)")?;
+            Mode::Full(selection)
+        };
         for (name, v) in [
             ("--batch-size", self.batch_size),
             ("--grad-accum", self.grad_accum),
@@ -114,6 +167,10 @@ impl TrainArgs {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("--weight-decay must be a finite number ≥ 0");
         }
+        let weights = match mode {
+            Mode::Full(_) => checkpoint::MODEL_FILE,
+            Mode::Lora(_) => lora::ADAPTER_FILE,
+        };
         if self.resume && !checkpoint::has_state(&self.out) {
             bail!(
                 "--resume: {} holds no {}",
@@ -121,15 +178,19 @@ impl TrainArgs {
                 checkpoint::STATE_JSON
             );
         }
-        if !self.resume
-            && (self.out.join(checkpoint::MODEL_FILE).exists() || checkpoint::has_state(&self.out))
-        {
+        if self.resume && !self.out.join(weights).is_file() {
+            bail!(
+                "--resume: {} has no {weights} (was it trained with another --train?)",
+                self.out.display()
+            );
+        }
+        if !self.resume && (self.out.join(weights).exists() || checkpoint::has_state(&self.out)) {
             bail!(
                 "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
                 self.out.display()
             );
         }
-        Ok(selection)
+        Ok(mode)
     }
 
     fn examples_per_step(&self) -> usize {
@@ -147,16 +208,19 @@ impl TrainArgs {
 /// The model being trained and what it is trained with.
 struct Run {
     session: Session,
+    mode: Mode,
     /// Folder the configuration files are copied from.
     source: PathBuf,
+    /// How the base model was named (LoRA's `base_model_name_or_path`).
+    base: String,
     params: Vec<Param>,
     train: Dataset,
     eval: Option<Dataset>,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let selection = args.check()?;
-    let mut run = load(&args, selection)?;
+    let mode = args.check()?;
+    let mut run = load(&args, mode)?;
     let settings = Settings {
         train: args.train.clone(),
         seed: args.seed,
@@ -174,7 +238,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let mut opt = AdamW::new(run.params.clone(), cfg)?;
     let cursor = if args.resume {
-        let (state, moments) = checkpoint::load_state(&args.out)?;
+        let (state, moments) = checkpoint::load_state(&args.out, run.weights_file())?;
         settings.check_same(&state.settings)?;
         checkpoint::restore_optimizer(&mut opt, &state, &moments)?;
         state.data
@@ -187,23 +251,38 @@ pub fn run(args: TrainArgs) -> Result<()> {
     train_loop(&args, &mut run, &mut opt, settings, cursor, log)
 }
 
-fn load(args: &TrainArgs, selection: Selection) -> Result<Run> {
-    let spec = match (&args.model, args.resume) {
-        (_, true) => args.out.to_string_lossy().into_owned(),
-        (Some(m), false) => m.clone(),
-        (None, false) => bail!("--model is required"),
+fn load(args: &TrainArgs, mode: Mode) -> Result<Run> {
+    // LoRA keeps its base model; only full training resumes from the saved model.
+    let resume_from_out = args.resume && matches!(mode, Mode::Full(_));
+    let (files, mut session) = match (&args.init, &args.model, resume_from_out) {
+        (Some(dir), _, false) => {
+            let files = ModelFiles::without_weights(dir)?;
+            let model = init::random_model(&files, args.seed, &candle_core::Device::Cpu)
+                .with_context(|| format!("--init {}", dir.display()))?;
+            let session = Session::with_model(model, &files)?;
+            (files, session)
+        }
+        (_, model, resume) => {
+            let spec = match (model, resume) {
+                (_, true) => args.out.to_string_lossy().into_owned(),
+                (Some(m), false) => m.clone(),
+                (None, false) => bail!("--model or --init is required"),
+            };
+            let files = ModelFiles::resolve(&spec)?;
+            if files.is_big_vision() {
+                bail!(
+                    "training starts from a checkpoint folder in the Hub layout (config.json, \
+                     model.safetensors); {spec} is a big_vision .npz"
+                );
+            }
+            let session = Session::load(&ModelArgs {
+                model: spec,
+                dtype: DTypeArg::F32,
+                adapter: None,
+            })?;
+            (files, session)
+        }
     };
-    let files = ModelFiles::resolve(&spec)?;
-    if files.is_big_vision() {
-        bail!(
-            "training starts from a checkpoint folder in the Hub layout (config.json, \
-             model.safetensors); {spec} is a big_vision .npz"
-        );
-    }
-    let mut session = Session::load(&ModelArgs {
-        model: spec,
-        dtype: DTypeArg::F32,
-    })?;
     let enc = Encoder {
         tokenizer: &session.tokenizer,
         config: &session.model.config,
@@ -214,15 +293,39 @@ fn load(args: &TrainArgs, selection: Selection) -> Result<Run> {
         Some(p) => Some(load_dataset(p, &enc, args.skip_bad)?),
         None => None,
     };
-    let params = params::make_trainable(&mut session.model, selection)?;
+    let params = match mode {
+        Mode::Full(selection) => params::make_trainable(&mut session.model, selection)?,
+        Mode::Lora(cfg) => {
+            if args.resume {
+                let (tensors, scale) = lora::load_adapter(&args.out)?;
+                if (scale - cfg.scale()).abs() > 1e-12 {
+                    bail!(
+                        "cannot resume: the saved adapter has alpha/rank {scale}, this run {}",
+                        cfg.scale()
+                    );
+                }
+                lora::attach_values(&mut session.model, &tensors, scale)?;
+            } else {
+                lora::attach(&mut session.model, cfg)?;
+            }
+            lora::make_trainable(&mut session.model)?
+        }
+    };
     eprintln!(
         "training {} parameters ({} values) on {} examples",
         params.len(),
         params::count(&params),
         train.len()
     );
+    let base = match (&args.model, &args.init) {
+        (Some(m), _) => m.clone(),
+        (None, Some(dir)) => dir.display().to_string(),
+        (None, None) => args.out.display().to_string(),
+    };
     Ok(Run {
+        mode,
         session,
+        base,
         source: files.dir,
         params,
         train,
@@ -307,6 +410,12 @@ fn train_loop(
     }
     save(run, opt, &settings, sampler.cursor(), &args.out)?;
     bar.finish_and_clear();
+    if args.merge {
+        let merged = args.out.join("merged");
+        lora::merge(&mut run.session.model)?;
+        checkpoint::save_model(&mut run.session.model, &run.source, &merged, opt.steps())?;
+        println!("merged model saved to {}", merged.display());
+    }
     let status = if opt.steps() < total {
         format!(
             "stopped at step {} of {total}; continue with --resume",
@@ -380,7 +489,55 @@ fn save(run: &mut Run, opt: &AdamW, settings: &Settings, data: Cursor, out: &Pat
         settings: settings.clone(),
         param_steps: opt.moments().iter().map(|m| m.steps).collect(),
     };
-    checkpoint::save(&mut run.session.model, opt, &state, &run.source, out)
+    let model = &mut run.session.model;
+    match run.mode {
+        Mode::Full(_) => checkpoint::save_model(model, &run.source, out, state.step)?,
+        Mode::Lora(cfg) => lora::save_adapter(model, cfg, &run.base, out, state.step)?,
+    }
+    checkpoint::save_state(opt, &state, out)
+}
+
+impl Run {
+    /// The weights file a saved step is checked against on resume.
+    fn weights_file(&self) -> &'static str {
+        match self.mode {
+            Mode::Full(_) => checkpoint::MODEL_FILE,
+            Mode::Lora(_) => lora::ADAPTER_FILE,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct MergeLoraArgs {
+    /// The base checkpoint the adapter was trained on (folder in the Hub layout or Hub id).
+    #[arg(long)]
+    pub model: String,
+    /// The adapter folder (PEFT layout: adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder for the merged checkpoint (f32, Hub layout).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `paligemma merge-lora`: base + adapter → one Hub-layout checkpoint.
+pub fn merge_lora(args: MergeLoraArgs) -> Result<()> {
+    if args.out.join(checkpoint::MODEL_FILE).exists() {
+        bail!(
+            "{} already holds a model; choose another --out",
+            args.out.display()
+        );
+    }
+    let files = ModelFiles::resolve(&args.model)?;
+    let mut session = Session::load(&ModelArgs {
+        model: args.model.clone(),
+        dtype: DTypeArg::F32,
+        adapter: Some(args.adapter.clone()),
+    })?;
+    lora::merge(&mut session.model)?;
+    checkpoint::save_model(&mut session.model, &files.dir, &args.out, 0)?;
+    println!("merged model saved to {}", args.out.display());
+    Ok(())
 }
 
 /// `log.jsonl`: one JSON object per line, flushed as written so a crash keeps what was logged.

@@ -158,7 +158,7 @@ fn serialize(tensors: &[NamedBytes], step: usize) -> Result<Vec<u8>> {
 /// The same file with its JSON header's keys in sorted order: safetensors writes the metadata
 /// in hash-map order, which varies between processes, and a resumed run must give the same
 /// bytes as a straight one. Reordering keeps the header's (space-padded) length.
-fn sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+pub(crate) fn sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
     let mut sorted = serde_json::to_vec(&header)?;
@@ -186,6 +186,11 @@ pub fn save(
     dir: &Path,
 ) -> Result<()> {
     save_model(model, src, dir, state.step)?;
+    save_state(opt, state, dir)
+}
+
+/// Saves the optimizer's moments and `state` (the JSON last), after the trained weights.
+pub fn save_state(opt: &AdamW, state: &TrainerState, dir: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for (p, m) in opt.params().iter().zip(opt.moments()) {
         let shape = p.var.dims().to_vec();
@@ -209,8 +214,9 @@ pub fn has_state(dir: &Path) -> bool {
     dir.join(STATE_JSON).is_file()
 }
 
-/// Reads `dir`'s trainer state and checks the tensor files were saved at the same step.
-pub fn load_state(dir: &Path) -> Result<(TrainerState, Vec<u8>)> {
+/// Reads `dir`'s trainer state and checks the tensor files (the moments and `weights`, the
+/// trained weights' file) were saved at the same step.
+pub fn load_state(dir: &Path, weights: &str) -> Result<(TrainerState, Vec<u8>)> {
     let path = dir.join(STATE_JSON);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -220,7 +226,7 @@ pub fn load_state(dir: &Path) -> Result<(TrainerState, Vec<u8>)> {
         .with_context(|| format!("cannot read {}", dir.join(STATE_FILE).display()))?;
     for (name, bytes) in [
         (STATE_FILE, moments.as_slice()),
-        (MODEL_FILE, &std::fs::read(dir.join(MODEL_FILE))?[..]),
+        (weights, &std::fs::read(dir.join(weights))?[..]),
     ] {
         let step = saved_step(bytes).with_context(|| format!("{}", dir.join(name).display()))?;
         if step != Some(state.step) {

@@ -177,8 +177,15 @@ pub fn merge(model: &mut PaliGemma) -> Result<()> {
     Ok(())
 }
 
-/// Writes `adapter_model.safetensors` (f32, PEFT keys) and `adapter_config.json` into `dir`.
-pub fn save_adapter(model: &mut PaliGemma, cfg: LoraConfig, base: &str, dir: &Path) -> Result<()> {
+/// Writes `adapter_model.safetensors` (f32, PEFT keys, the training `step` in its metadata) and
+/// `adapter_config.json` into `dir`.
+pub fn save_adapter(
+    model: &mut PaliGemma,
+    cfg: LoraConfig,
+    base: &str,
+    dir: &Path,
+    step: usize,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     model.visit_params_mut(&mut |name: &str, t: &mut Tensor| {
@@ -196,8 +203,13 @@ pub fn save_adapter(model: &mut PaliGemma, cfg: LoraConfig, base: &str, dir: &Pa
         .iter()
         .map(|(n, s, b)| Ok((n.as_str(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(meta))?;
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("step".to_string(), step.to_string()),
+    ]);
+    // Sorted, so that a resumed run writes the same bytes as a straight one.
+    let bytes =
+        crate::train::checkpoint::sorted_header(safetensors::serialize(views, Some(meta))?)?;
     write(dir, ADAPTER_FILE, &bytes)?;
     let config = json!({
         "peft_type": "LORA",

@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod init;
 pub mod lora;
 pub mod loss;
 pub mod optim;
