@@ -148,6 +148,177 @@ impl<'m> Batch<'m> {
     }
 }
 
+/// A batch that sequences join and leave between decode steps (continuous batching).
+///
+/// A sequence is prefilled alone, exactly as a batch of one in [`Batch::prefill`], and then
+/// merged in. All rows end at the same slot, so a row shorter than the others gets empty slots
+/// in front, which the mask hides and positions skip, as in a left-padded [`Batch`]. When rows
+/// leave, the slots no remaining row uses are dropped: the cache never holds more than the
+/// longest live row plus the room its rows still need.
+pub struct OpenBatch<'m> {
+    model: &'m PaliGemma,
+    rows: Vec<RowLayout>,
+    /// Decode steps each row may still take.
+    room: Vec<usize>,
+    cache: Option<KvCache>,
+}
+
+impl<'m> OpenBatch<'m> {
+    pub fn new(model: &'m PaliGemma) -> Self {
+        Self {
+            model,
+            rows: Vec::new(),
+            room: Vec::new(),
+            cache: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Key/value slots per row (the longest live row, padding included).
+    pub fn slots(&self) -> usize {
+        self.cache.as_ref().map_or(0, KvCache::len)
+    }
+
+    /// Prefills one prefix, whose `<image>` slots take the rows of `features`
+    /// `[n_image_tokens, H]` (from [`PaliGemma::row_features`]), and adds it as the last row with
+    /// room for `max_new_tokens`. Returns its next-token logits `[1, V]`.
+    pub fn join(
+        &mut self,
+        ids: &[u32],
+        features: Option<&Tensor>,
+        max_new_tokens: usize,
+    ) -> Result<Tensor> {
+        if ids.is_empty() {
+            bail!("empty prompt");
+        }
+        let model = self.model;
+        let dev = model.device();
+        let width = ids.len();
+        let mut row = RowLayout::default();
+        ids.iter().for_each(|_| row.push(true, true));
+        let x = model.embed(ids, features)?.unsqueeze(0)?;
+        let mut cache = model.decoder().new_cache(1, width + max_new_tokens, dev)?;
+        let mask = additive_mask(std::slice::from_ref(&row), 0, width, dev)?;
+        let h = model
+            .decoder()
+            .forward(&x, &[row.positions()], &mask, Some(&mut cache))?;
+        let logits = model
+            .decoder()
+            .logits(&h.narrow(1, width - 1, 1)?.squeeze(1)?)?;
+        self.merge(row, cache, max_new_tokens)?;
+        Ok(logits)
+    }
+
+    /// Adds a prefilled row, padding whichever side is shorter at the front.
+    fn merge(&mut self, mut row: RowLayout, cache: KvCache, room: usize) -> Result<()> {
+        let Some(current) = &self.cache else {
+            self.rows.push(row);
+            self.room.push(room);
+            self.cache = Some(cache);
+            return Ok(());
+        };
+        let (old, new) = (current.len(), cache.len());
+        let len = old.max(new);
+        let most_room = self.room.iter().copied().chain([room]).max().unwrap_or(0);
+        let capacity = len + most_room;
+        let current = current.relayout(0, len - old, capacity)?;
+        let joining = cache.relayout(0, len - new, capacity)?;
+        self.cache = Some(KvCache::concat_rows(&[&current, &joining])?);
+        for r in &mut self.rows {
+            pad_front(r, len - old);
+        }
+        pad_front(&mut row, len - new);
+        self.rows.push(row);
+        self.room.push(room);
+        Ok(())
+    }
+
+    /// Appends one token per row (as [`Batch::step`]) and returns the next logits `[B, V]`.
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.len() != self.rows.len() {
+            bail!("{} tokens for a batch of {}", tokens.len(), self.rows.len());
+        }
+        if let Some(i) = self.room.iter().position(|&r| r == 0) {
+            bail!("row {i} has used all the new tokens it asked for");
+        }
+        let Some(cache) = self.cache.as_mut() else {
+            bail!("the batch is empty");
+        };
+        let dev = self.model.device();
+        let start = cache.len();
+        for row in &mut self.rows {
+            row.push(true, false);
+        }
+        let x = self.model.decoder().embed(tokens, dev)?.unsqueeze(1)?;
+        let positions: Vec<Vec<u32>> = self
+            .rows
+            .iter()
+            .map(|r| vec![*r.positions().last().expect("row has slots")])
+            .collect();
+        let mask = additive_mask(&self.rows, start, 1, dev)?;
+        let h = self
+            .model
+            .decoder()
+            .forward(&x, &positions, &mask, Some(cache))?;
+        self.room.iter_mut().for_each(|r| *r -= 1);
+        Ok(self.model.decoder().logits(&h.squeeze(1)?)?)
+    }
+
+    /// Keeps the rows where `keep` is true, in order, and drops the front slots that are
+    /// padding in every row left.
+    pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        if keep.len() != self.rows.len() {
+            bail!("{} flags for a batch of {}", keep.len(), self.rows.len());
+        }
+        let kept: Vec<u32> = (0..keep.len() as u32)
+            .filter(|&i| keep[i as usize])
+            .collect();
+        if kept.len() == self.rows.len() {
+            return Ok(());
+        }
+        let Some(cache) = &self.cache else {
+            bail!("the batch is empty");
+        };
+        if kept.is_empty() {
+            *self = Self::new(self.model);
+            return Ok(());
+        }
+        let mut cache = cache.clone();
+        cache.reorder(&kept)?;
+        let mut rows: Vec<RowLayout> = kept
+            .iter()
+            .map(|&i| self.rows[i as usize].clone())
+            .collect();
+        let room: Vec<usize> = kept.iter().map(|&i| self.room[i as usize]).collect();
+        let skip = rows
+            .iter()
+            .map(|r| r.valid.iter().position(|&v| v).unwrap_or(r.len()))
+            .min()
+            .unwrap_or(0);
+        let capacity = cache.len() - skip + room.iter().copied().max().unwrap_or(0);
+        self.cache = Some(cache.relayout(skip, 0, capacity)?);
+        for r in &mut rows {
+            r.valid.drain(..skip);
+            r.prefix.drain(..skip);
+        }
+        self.rows = rows;
+        self.room = room;
+        Ok(())
+    }
+}
+
+fn pad_front(row: &mut RowLayout, n: usize) {
+    row.valid.splice(0..0, std::iter::repeat_n(false, n));
+    row.prefix.splice(0..0, std::iter::repeat_n(false, n));
+}
+
 /// Per-row log-softmax of `[B, V]` logits, as host vectors.
 pub fn log_probs(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;

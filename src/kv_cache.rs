@@ -80,4 +80,67 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// Rows this cache holds.
+    pub fn batch(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
+    }
+
+    /// A copy laid out anew for a batch whose rows join and leave (continuous batching):
+    /// the filled slots `skip..len` move behind `pad` empty slots, in a cache of `capacity`.
+    pub fn relayout(&self, skip: usize, pad: usize, capacity: usize) -> Result<Self> {
+        if skip > self.len {
+            candle_core::bail!("cannot skip {skip} of {} filled slots", self.len)
+        }
+        let kept = self.len - skip;
+        if pad + kept > capacity {
+            candle_core::bail!("{pad} padding and {kept} filled slots exceed capacity {capacity}")
+        }
+        let move_slots = |t: &Tensor| -> Result<Tensor> {
+            let (b, heads, _, dim) = t.dims4()?;
+            let out = Tensor::zeros((b, heads, capacity, dim), t.dtype(), t.device())?;
+            if kept > 0 {
+                out.slice_set(&t.narrow(2, skip, kept)?.contiguous()?, 2, pad)?;
+            }
+            Ok(out)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((move_slots(k)?, move_slots(v)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            len: pad + kept,
+            capacity,
+        })
+    }
+
+    /// The rows of several caches, one after another; they must agree on filled slots and
+    /// capacity (see [`KvCache::relayout`]).
+    pub fn concat_rows(parts: &[&KvCache]) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            candle_core::bail!("no caches to join")
+        };
+        if parts
+            .iter()
+            .any(|p| p.len != first.len || p.capacity != first.capacity)
+        {
+            candle_core::bail!("caches to join differ in filled slots or capacity")
+        }
+        let layers = (0..first.layers.len())
+            .map(|i| {
+                let ks: Vec<&Tensor> = parts.iter().map(|p| &p.layers[i].0).collect();
+                let vs: Vec<&Tensor> = parts.iter().map(|p| &p.layers[i].1).collect();
+                Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            len: first.len,
+            capacity: first.capacity,
+        })
+    }
 }

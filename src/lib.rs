@@ -34,6 +34,7 @@ pub mod prompt;
 pub mod resize;
 pub mod sampling;
 pub mod score;
+pub mod serve;
 pub mod shapes;
 pub mod siglip;
 pub mod task;

@@ -21,6 +21,9 @@ enum Command {
     Generate(cli::run::GenerateArgs),
     /// Teacher-forced log-probability of a suffix after a prompt (with <eos> appended).
     Score(cli::run::ScoreArgs),
+    /// Serve the model over HTTP: task endpoints, OpenAI-compatible chat completions,
+    /// continuous batching.
+    Serve(cli::serve::ServeArgs),
     /// Caption an image (`caption LANG`, or `describe LANG` with --long).
     Caption(cli::tasks::CaptionArgs),
     /// Answer questions about an image (`answer LANG QUESTION`).
@@ -46,6 +49,7 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Generate(args) => cli::run::generate(args),
         Command::Score(args) => cli::run::score(args),
+        Command::Serve(args) => cli::serve::run(args),
         Command::Caption(args) => cli::tasks::caption(args),
         Command::Ask(args) => cli::tasks::ask(args),
         Command::Ocr(args) => cli::tasks::ocr(args),

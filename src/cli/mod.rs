@@ -3,6 +3,7 @@
 
 pub mod locate;
 pub mod run;
+pub mod serve;
 pub mod shapes;
 pub mod tasks;
 pub mod train;
