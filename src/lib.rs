@@ -10,7 +10,7 @@
 //! - model: [`siglip`], [`gemma`], [`attention_mask`], [`kv_cache`], [`paligemma`], [`ops`]
 //! - output: [`generate`], [`sampling`], [`score`], [`parse`] (boxes), [`vqvae`] and [`mask`]
 //!   (segmentation masks), [`annotate`] (pictures)
-//! - data: [`shapes`] (a synthetic dataset for fine-tuning)
+//! - data: [`shapes`] (a synthetic dataset for fine-tuning) and [`eval`] (held-out scores on it)
 //! - fine-tuning: [`train`] (trained parameters, loss, AdamW), [`ops::autodiff`] (gradients of
 //!   the fused kernels)
 
@@ -19,6 +19,7 @@ pub mod attention_mask;
 pub mod big_vision;
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod gemma;
 pub mod generate;
 pub mod hub;

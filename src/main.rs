@@ -39,6 +39,8 @@ enum Command {
     Parse(cli::locate::ParseArgs),
     /// Write a synthetic dataset of coloured shapes (captions, VQA, detection) as JSONL.
     Shapes(cli::shapes::ShapesArgs),
+    /// Score a model on held-out shapes scenes: detection recall, caption exact match, VQA.
+    EvalShapes(cli::shapes::EvalShapesArgs),
     /// Fine-tune on a JSONL dataset; writes a Hub-layout checkpoint folder (resumable).
     Train(cli::train::TrainArgs),
     /// Fold a LoRA adapter into its base model: writes a Hub-layout checkpoint folder.
@@ -57,6 +59,7 @@ fn main() {
         Command::Segment(args) => cli::locate::segment(args),
         Command::Parse(args) => cli::locate::parse(args),
         Command::Shapes(args) => cli::shapes::run(args),
+        Command::EvalShapes(args) => cli::shapes::eval(args),
         Command::Train(args) => cli::train::run(args),
         Command::MergeLora(args) => cli::train::merge_lora(args),
     };

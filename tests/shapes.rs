@@ -387,3 +387,60 @@ fn progress_reaches_n() {
     assert_eq!(seen.last(), Some(&70));
     assert!(seen.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// `paligemma eval-shapes` counts against the regenerated ground truth: every shape of the
+/// scenes, every VQA question the dataset asks about them, one caption per scene, and rates
+/// that are the ratios of the counts. (A random tiny model answers nothing right; what a
+/// trained model scores is what the command is for.)
+#[test]
+fn eval_shapes_counts_the_ground_truth_of_the_held_out_scenes() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/pg1-56");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args(["eval-shapes", "--model", model.to_str().unwrap()])
+        .args(["--n", "3", "--seed", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The fixture's vision tower takes 56 px: scenes are drawn at that size.
+    assert_eq!(
+        (r["scenes"].as_u64(), r["size"].as_u64()),
+        (Some(3), Some(56))
+    );
+    let scenes: Vec<Scene> = (0..3).map(|i| scene(3, i, 56)).collect();
+    let shapes: usize = scenes.iter().map(|s| s.shapes.len()).sum();
+    let questions: usize = scenes
+        .iter()
+        .map(|s| {
+            examples(s)
+                .unwrap()
+                .iter()
+                .filter(|e| e.task == TaskType::Vqa)
+                .count()
+        })
+        .sum();
+    assert_eq!(r["objects"].as_u64(), Some(shapes as u64));
+    assert_eq!(r["questions"].as_u64(), Some(questions as u64));
+    let n = |k: &str| r[k].as_f64().unwrap();
+    assert_eq!(n("recall"), n("objects_found") / n("objects"));
+    assert_eq!(n("vqa_accuracy"), n("answers_exact") / n("questions"));
+    assert_eq!(n("caption_exact_match"), n("captions_exact") / 3.0);
+    assert!(n("boxes_correct") <= n("boxes"));
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args([
+            "eval-shapes",
+            "--model",
+            model.to_str().unwrap(),
+            "--n",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--n"));
+}

@@ -5,6 +5,11 @@ our implementation computes on it.
 Usage:
     venv/bin/python tools/check_saved_checkpoint.py OUT_DIR \
         [--image IMG] [--prompt "caption en"] [--suffix "a red circle"] [--bin target/debug/paligemma]
+    venv/bin/python tools/check_saved_checkpoint.py BASE_DIR --adapter LORA_DIR [...]
+
+With --adapter (a folder written by `paligemma train --train lora`), ours runs with `--adapter`
+and transformers loads the base model and then the adapter with PEFT's
+`PeftModel.from_pretrained` (which must find every adapter key).
 
 It runs `paligemma score --json` on the folder (which gives the exact token ids, image tokens
 included, and our log-probabilities of the suffix tokens and <eos>), then loads the folder with
@@ -29,20 +34,26 @@ from transformers import AutoImageProcessor, PaliGemmaForConditionalGeneration
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ours(binary, folder, image, prompt, suffix):
+def ours(binary, folder, image, prompt, suffix, adapter):
+    extra = ["--adapter", adapter] if adapter else []
     out = subprocess.run(
         [binary, "score", "--model", folder, "--image", image, "--prompt", prompt,
-         "--suffix", suffix, "--json"],
+         "--suffix", suffix, "--json"] + extra,
         check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
 
-def theirs(folder, image, ids, prefix_len):
+def theirs(folder, image, ids, prefix_len, adapter):
     model, info = PaliGemmaForConditionalGeneration.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
     bad = {k: v for k, v in info.items() if v}
     if bad:
         sys.exit(f"transformers reports loading problems: {bad}")
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        loaded = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+        print(f"PEFT attached {loaded} adapter tensors")
     model.eval()
     pixels = AutoImageProcessor.from_pretrained(folder)(
         Image.open(image).convert("RGB"), return_tensors="pt")["pixel_values"]
@@ -64,9 +75,10 @@ def main():
     p.add_argument("--prompt", default="caption en")
     p.add_argument("--suffix", default="a red circle")
     p.add_argument("--bin", default=str(ROOT / "target/debug/paligemma"))
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply on top of FOLDER")
     a = p.parse_args()
-    r = ours(a.bin, a.folder, a.image, a.prompt, a.suffix)
-    ref = theirs(a.folder, a.image, r["input_ids"], r["prefix_length"])
+    r = ours(a.bin, a.folder, a.image, a.prompt, a.suffix, a.adapter)
+    ref = theirs(a.folder, a.image, r["input_ids"], r["prefix_length"], a.adapter)
     delta = max(abs(x - y) for x, y in zip(r["logprobs"], ref))
     print(f"tokens {r['tokens']}")
     print(f"ours         {[round(x, 6) for x in r['logprobs']]}")

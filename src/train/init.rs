@@ -7,10 +7,26 @@
 //! | tensors | start | why |
 //! |---|---|---|
 //! | linear and convolution weights, token embeddings | normal, std `initializer_range` (0.02) | transformers' `PaliGemmaPreTrainedModel._init_weights` |
-//! | SigLIP position embeddings | normal, std `1/√hidden` | transformers' SigLIP init: positions must be visible next to patch contents from the first step |
+//! | the last projection of every residual branch: SigLIP `out_proj` and `fc2`, Gemma `o_proj` and `down_proj` | 0 | each block starts as the identity, so the image reaches the decoder unblurred (see below) |
+//! | SigLIP patch embedding | normal, std `1/√fan_in` (LeCun, as SigLIP) | patch contents of unit scale |
+//! | SigLIP position embeddings | normal, std 0.5 | positions about as visible as patch contents: detection needs them |
 //! | biases | 0 | |
 //! | SigLIP LayerNorm weights | 1 | identity |
 //! | Gemma RMSNorm weights | 0 | Gemma scales by `1 + w`, so 0 is the identity |
+//! | embeddings of `<loc0000>`..`<loc1023>` (when the tokenizer has them) | a smooth code of the bin's value, same scale | see below |
+//!
+//! The 1024 location tokens are ordered values, but normal random rows make them 1024
+//! unrelated classes that a model from scratch must learn one by one (each seen a few dozen
+//! times in a small run). Starting each row as a multi-frequency sine/cosine code of `bin/1023`
+//! (like a Transformer position encoding) makes near bins near vectors, through the tied output
+//! head too, so what is learned for one bin carries to its neighbours.
+//!
+//! Why the zero branches: with every block adding a random mixture of all tokens, a fresh
+//! encoder's output is dominated by what all patches share, and images differ by a few percent
+//! of it; a small model from scratch then learns to answer from the text prior and ignore the
+//! image (what happened to the first demo model runs). Zero branches (as in ReZero, Fixup and
+//! many LLM recipes) start the encoder at `LayerNorm(patch + position)`, where images and
+//! positions differ plainly, and the branches still get gradients from the first step.
 //!
 //! Numbers come from the seeded [`SplitMix64`] (normals by Box–Muller), so a seed gives the
 //! same model on every platform up to the last bit of `ln`/`cos`.
@@ -20,6 +36,7 @@ use crate::config::{GemmaVersion, PaliGemmaConfig};
 use crate::ops::linear::WeightFormat;
 use crate::paligemma::PaliGemma;
 use crate::shapes::SplitMix64;
+use crate::tokenizer::{LOC_BINS, Tokenizer};
 use crate::weights::WeightStore;
 use anyhow::Result;
 use candle_core::Device;
@@ -57,10 +74,13 @@ pub fn parameters(config: &PaliGemmaConfig) -> Vec<Parameter> {
     let d = v.hidden_size;
     let p = "vision_tower.vision_model";
     let patches = (v.image_size / v.patch_size).pow(2);
+    let fan_in = v.num_channels * v.patch_size * v.patch_size;
     add(
         format!("{p}.embeddings.patch_embedding.weight"),
         vec![d, v.num_channels, v.patch_size, v.patch_size],
-        normal,
+        Start::Normal {
+            std: 1.0 / (fan_in as f32).sqrt(),
+        },
     );
     add(
         format!("{p}.embeddings.patch_embedding.bias"),
@@ -70,12 +90,10 @@ pub fn parameters(config: &PaliGemmaConfig) -> Vec<Parameter> {
     add(
         format!("{p}.embeddings.position_embedding.weight"),
         vec![patches, d],
-        Start::Normal {
-            std: 1.0 / (d as f32).sqrt(),
-        },
+        Start::Normal { std: 0.5 },
     );
-    let linear = |add: &mut dyn FnMut(String, Vec<usize>, Start), name: String, i, o| {
-        add(format!("{name}.weight"), vec![o, i], normal);
+    let linear = |add: &mut dyn FnMut(String, Vec<usize>, Start), name: String, i, o, w| {
+        add(format!("{name}.weight"), vec![o, i], w);
         add(format!("{name}.bias"), vec![o], Start::Zeros);
     };
     for l in 0..v.num_hidden_layers {
@@ -84,11 +102,30 @@ pub fn parameters(config: &PaliGemmaConfig) -> Vec<Parameter> {
             add(format!("{l}.{norm}.weight"), vec![d], Start::Ones);
             add(format!("{l}.{norm}.bias"), vec![d], Start::Zeros);
         }
-        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            linear(&mut add, format!("{l}.self_attn.{proj}"), d, d);
+        for proj in ["q_proj", "k_proj", "v_proj"] {
+            linear(&mut add, format!("{l}.self_attn.{proj}"), d, d, normal);
         }
-        linear(&mut add, format!("{l}.mlp.fc1"), d, v.intermediate_size);
-        linear(&mut add, format!("{l}.mlp.fc2"), v.intermediate_size, d);
+        linear(
+            &mut add,
+            format!("{l}.self_attn.out_proj"),
+            d,
+            d,
+            Start::Zeros,
+        );
+        linear(
+            &mut add,
+            format!("{l}.mlp.fc1"),
+            d,
+            v.intermediate_size,
+            normal,
+        );
+        linear(
+            &mut add,
+            format!("{l}.mlp.fc2"),
+            v.intermediate_size,
+            d,
+            Start::Zeros,
+        );
     }
     add(format!("{p}.post_layernorm.weight"), vec![d], Start::Ones);
     add(format!("{p}.post_layernorm.bias"), vec![d], Start::Zeros);
@@ -97,6 +134,7 @@ pub fn parameters(config: &PaliGemmaConfig) -> Vec<Parameter> {
         "multi_modal_projector.linear".into(),
         d,
         config.projection_dim,
+        normal,
     );
 
     let t = &config.text;
@@ -120,34 +158,50 @@ pub fn parameters(config: &PaliGemmaConfig) -> Vec<Parameter> {
         for norm in &norms {
             add(format!("{l}.{norm}.weight"), vec![h], Start::Zeros);
         }
-        for (proj, i, o) in [
-            ("self_attn.q_proj", h, q),
-            ("self_attn.k_proj", h, kv),
-            ("self_attn.v_proj", h, kv),
-            ("self_attn.o_proj", q, h),
-            ("mlp.gate_proj", h, t.intermediate_size),
-            ("mlp.up_proj", h, t.intermediate_size),
-            ("mlp.down_proj", t.intermediate_size, h),
+        for (proj, i, o, start) in [
+            ("self_attn.q_proj", h, q, normal),
+            ("self_attn.k_proj", h, kv, normal),
+            ("self_attn.v_proj", h, kv, normal),
+            ("self_attn.o_proj", q, h, Start::Zeros),
+            ("mlp.gate_proj", h, t.intermediate_size, normal),
+            ("mlp.up_proj", h, t.intermediate_size, normal),
+            ("mlp.down_proj", t.intermediate_size, h, Start::Zeros),
         ] {
-            add(format!("{l}.{proj}.weight"), vec![o, i], normal);
+            add(format!("{l}.{proj}.weight"), vec![o, i], start);
         }
     }
     add(format!("{p}.norm.weight"), vec![h], Start::Zeros);
     out
 }
 
-/// A store holding freshly initialised f32 weights for `config`, drawn with `seed`.
-pub fn random_weights(config: &PaliGemmaConfig, seed: u64) -> Result<WeightStore> {
+/// A store holding freshly initialised f32 weights for `config`, drawn with `seed`; when
+/// `first_loc` is the id of `<loc0000>` (followed by the other 1023), those embedding rows
+/// start as [`loc_code`]s.
+pub fn random_weights(
+    config: &PaliGemmaConfig,
+    seed: u64,
+    first_loc: Option<u32>,
+) -> Result<WeightStore> {
     let mut rng = SplitMix64::new(seed);
+    let embed = "language_model.model.embed_tokens.weight";
     let tensors = parameters(config)
         .into_iter()
         .map(|p| {
             let n: usize = p.shape.iter().product();
-            let values: Vec<f32> = match p.start {
+            let mut values: Vec<f32> = match p.start {
                 Start::Zeros => vec![0.0; n],
                 Start::Ones => vec![1.0; n],
                 Start::Normal { std } => (0..n).map(|_| std * standard_normal(&mut rng)).collect(),
             };
+            if let (true, Some(first)) = (p.name == embed, first_loc) {
+                let h = p.shape[1];
+                for bin in 0..LOC_BINS {
+                    let row = (first + bin) as usize * h;
+                    if row + h <= values.len() {
+                        values[row..row + h].copy_from_slice(&loc_code(bin, h));
+                    }
+                }
+            }
             let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             (p.name, Dtype::F32, p.shape, bytes)
         })
@@ -155,11 +209,32 @@ pub fn random_weights(config: &PaliGemmaConfig, seed: u64) -> Result<WeightStore
     Ok(WeightStore::from_owned(tensors)?)
 }
 
+/// The starting embedding of `<loc{bin}>`: `[sin(ω_k·t), cos(ω_k·t)]` pairs of `t = bin/1023`,
+/// with `ω_k = π·256^(k/(K−1))` for `K = hidden/2` frequencies (wavelengths from twice the
+/// range down to about 8 bins), scaled to the per-value std of the other rows.
+pub fn loc_code(bin: u32, hidden: usize) -> Vec<f32> {
+    let t = f64::from(bin) / f64::from(LOC_BINS - 1);
+    let pairs = hidden / 2;
+    let scale = f64::from(INITIALIZER_RANGE) * std::f64::consts::SQRT_2;
+    let mut row = vec![0.0f32; hidden];
+    for k in 0..pairs {
+        let w = std::f64::consts::PI * 256f64.powf(k as f64 / (pairs.max(2) - 1) as f64);
+        row[2 * k] = (scale * (w * t).sin()) as f32;
+        row[2 * k + 1] = (scale * (w * t).cos()) as f32;
+    }
+    row
+}
+
 /// A model for the configuration in `files` (see [`PaliGemma::load_config`]) with random f32
-/// weights drawn with `seed`.
+/// weights drawn with `seed` (location tokens coded as in [`random_weights`] when the
+/// tokenizer has all 1024 in a row).
 pub fn random_model(files: &ModelFiles, seed: u64, device: &Device) -> Result<PaliGemma> {
     let config = PaliGemma::load_config(files)?;
-    let store = random_weights(&config, seed)?;
+    let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
+    let first_loc = tokenizer.token_id("<loc0000>").filter(|&first| {
+        (0..LOC_BINS).all(|b| tokenizer.token_id(&format!("<loc{b:04}>")) == Some(first + b))
+    });
+    let store = random_weights(&config, seed, first_loc)?;
     PaliGemma::from_store(config, &store, WeightFormat::F32, device)
 }
 
@@ -175,6 +250,23 @@ fn standard_normal(rng: &mut SplitMix64) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn near_bins_get_near_codes() {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let code = |b| loc_code(b, 192);
+        let norm = dot(&code(500), &code(500));
+        let cos = |a, b| dot(&code(a), &code(b)) / norm;
+        // Every row has the same norm: sin² + cos² per pair.
+        assert!((dot(&code(0), &code(0)) - norm).abs() < 1e-6);
+        assert!(cos(500, 501) > 0.95, "{}", cos(500, 501));
+        assert!(cos(500, 510) > cos(500, 530));
+        assert!(cos(500, 530) > cos(500, 900));
+        assert!(cos(500, 900).abs() < 0.2, "{}", cos(500, 900));
+        // Per-value std as the normal rows': 0.02.
+        let std = (norm / 192.0).sqrt();
+        assert!((std - 0.02).abs() < 1e-4, "{std}");
+    }
 
     #[test]
     fn normals_have_unit_moments() {
