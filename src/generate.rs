@@ -113,23 +113,7 @@ impl<'m> Batch<'m> {
         if tokens.len() != self.rows.len() {
             bail!("{} tokens for a batch of {}", tokens.len(), self.rows.len());
         }
-        let dev = self.model.device();
-        let start = self.cache.len();
-        for row in &mut self.rows {
-            row.push(true, false);
-        }
-        let x = self.model.decoder().embed(tokens, dev)?.unsqueeze(1)?;
-        let positions: Vec<Vec<u32>> = self
-            .rows
-            .iter()
-            .map(|r| vec![*r.positions().last().expect("row has slots")])
-            .collect();
-        let mask = additive_mask(&self.rows, start, 1, dev)?;
-        let h = self
-            .model
-            .decoder()
-            .forward(&x, &positions, &mask, Some(&mut self.cache))?;
-        Ok(self.model.decoder().logits(&h.squeeze(1)?)?)
+        decode_step(self.model, &mut self.rows, &mut self.cache, tokens)
     }
 
     /// Room left in the cache.
@@ -146,6 +130,31 @@ impl<'m> Batch<'m> {
             .collect();
         Ok(())
     }
+}
+
+/// One decode step of a batch: each row's token is appended (attending causally to its row's
+/// slots in `cache`) and the next logits `[B, V]` come back.
+fn decode_step(
+    model: &PaliGemma,
+    rows: &mut [RowLayout],
+    cache: &mut KvCache,
+    tokens: &[u32],
+) -> Result<Tensor> {
+    let dev = model.device();
+    let start = cache.len();
+    for row in rows.iter_mut() {
+        row.push(true, false);
+    }
+    let x = model.decoder().embed(tokens, dev)?.unsqueeze(1)?;
+    let positions: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| vec![*r.positions().last().expect("row has slots")])
+        .collect();
+    let mask = additive_mask(rows, start, 1, dev)?;
+    let h = model
+        .decoder()
+        .forward(&x, &positions, &mask, Some(cache))?;
+    Ok(model.decoder().logits(&h.squeeze(1)?)?)
 }
 
 /// A batch that sequences join and leave between decode steps (continuous batching).
@@ -251,24 +260,9 @@ impl<'m> OpenBatch<'m> {
         let Some(cache) = self.cache.as_mut() else {
             bail!("the batch is empty");
         };
-        let dev = self.model.device();
-        let start = cache.len();
-        for row in &mut self.rows {
-            row.push(true, false);
-        }
-        let x = self.model.decoder().embed(tokens, dev)?.unsqueeze(1)?;
-        let positions: Vec<Vec<u32>> = self
-            .rows
-            .iter()
-            .map(|r| vec![*r.positions().last().expect("row has slots")])
-            .collect();
-        let mask = additive_mask(&self.rows, start, 1, dev)?;
-        let h = self
-            .model
-            .decoder()
-            .forward(&x, &positions, &mask, Some(cache))?;
+        let logits = decode_step(self.model, &mut self.rows, cache, tokens)?;
         self.room.iter_mut().for_each(|r| *r -= 1);
-        Ok(self.model.decoder().logits(&h.squeeze(1)?)?)
+        Ok(logits)
     }
 
     /// Keeps the rows where `keep` is true, in order, and drops the front slots that are

@@ -79,23 +79,7 @@ fn log(dir: &Path) -> Vec<Value> {
 }
 
 fn generate(model: &str, dir: &Path) -> Vec<u64> {
-    let out = ok(
-        dir,
-        &[
-            "generate",
-            "--model",
-            model,
-            "--image",
-            "image_a.png",
-            "--prompt",
-            "caption en",
-            "--max-new-tokens",
-            "6",
-            "--json",
-        ],
-    );
-    let v: Value = serde_json::from_str(out.trim()).unwrap();
-    v["tokens"]
+    generate_json(dir, model, &[])["tokens"]
         .as_array()
         .unwrap()
         .iter()
