@@ -70,6 +70,12 @@ fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     a
 }
 
+fn sorted_names<'a>(st: &'a SafeTensors<'a>) -> Vec<&'a str> {
+    let mut names = st.names();
+    names.sort();
+    names
+}
+
 fn log(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("log.jsonl"))
         .unwrap()
@@ -134,11 +140,8 @@ fn training_lowers_the_loss_and_saves_a_loadable_checkpoint() {
         SafeTensors::deserialize(&src_bytes).unwrap(),
         SafeTensors::deserialize(&out_bytes).unwrap(),
     );
-    let mut names = src.names();
-    names.sort();
-    let mut saved_names = saved.names();
-    saved_names.sort();
-    assert_eq!(names, saved_names);
+    let names = sorted_names(&src);
+    assert_eq!(names, sorted_names(&saved));
     let mut trained = 0;
     for name in names {
         let (a, b) = (src.tensor(name).unwrap(), saved.tensor(name).unwrap());
@@ -527,11 +530,8 @@ fn training_from_scratch_starts_from_random_weights_of_the_config() {
         SafeTensors::deserialize(&src_bytes).unwrap(),
         SafeTensors::deserialize(&a_bytes).unwrap(),
     );
-    let mut names = src.names();
-    names.sort();
-    let mut a_names = a.names();
-    a_names.sort();
-    assert_eq!(names, a_names);
+    let names = sorted_names(&src);
+    assert_eq!(names, sorted_names(&a));
     for n in names {
         assert_eq!(
             src.tensor(n).unwrap().shape(),
