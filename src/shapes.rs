@@ -36,11 +36,14 @@
 //! | detect | `detect circle ; square` (the kinds present, when there are ≥ 2) | objects grouped by the prompt's label order, each group in reading order |
 //! | detect | `detect circle ; square ; triangle ; star ; hexagon` | the same rule over all five kinds |
 //!
+//! With `--present-only` ([`examples_with`]) the per-kind rows are written only for kinds in
+//! the scene (no "0" counts, no empty detections); `--max-shapes N` draws 1 to N shapes.
+//!
 //! An absent object gives an empty suffix, as in big_vision's detection targets (the model
 //! learns to answer `<eos>` at once). Boxes go through [`crate::parse::encode_detections`], so
 //! the text is the project's detection syntax (big_vision's `round(v·1023)` bins).
 //!
-//! # Files ([`write_dataset`], `paligemma shapes --out DIR --n N [--seed S] [--size 224]`)
+//! # Files ([`write_dataset`], `paligemma shapes --out DIR --n N [--seed S] [--size 224] [--max-shapes 3] [--present-only]`)
 //!
 //! ```text
 //! DIR/images/00000.png …     scene i as images/{i:05}.png (more digits when N > 100000)
@@ -138,6 +141,12 @@ pub fn scene_rng(seed: u64, index: u64) -> SplitMix64 {
 /// as image `index`).
 pub fn scene(seed: u64, index: u64, size: u32) -> Scene {
     random_scene(&mut scene_rng(seed, index), size)
+}
+
+/// Scene `index` of a dataset written with `--max-shapes max_shapes` (1 to [`MAX_SHAPES`]);
+/// with [`MAX_SHAPES`] it is [`scene`].
+pub fn scene_with(seed: u64, index: u64, size: u32, max_shapes: usize) -> Scene {
+    random_scene_with(&mut scene_rng(seed, index), size, max_shapes)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -559,8 +568,13 @@ pub fn gap(size: u32) -> u32 {
 /// whose boxes are at least [`gap`] apart. Meant for sizes ≥ 32 (the CLI's minimum); smaller
 /// sizes still work but may hold fewer shapes, or none at 0.
 pub fn random_scene(rng: &mut SplitMix64, size: u32) -> Scene {
+    random_scene_with(rng, size, MAX_SHAPES)
+}
+
+/// [`random_scene`] with 1 to `max_shapes` shapes (clamped to 1..=[`MAX_SHAPES`]).
+pub fn random_scene_with(rng: &mut SplitMix64, size: u32, max_shapes: usize) -> Scene {
     let background = random_background(rng);
-    let count = 1 + rng.below(MAX_SHAPES as u64) as usize;
+    let count = 1 + rng.below(max_shapes.clamp(1, MAX_SHAPES) as u64) as usize;
     Scene {
         width: size,
         height: size,
@@ -754,12 +768,15 @@ fn answer(question: String, suffix: String) -> Result<Example> {
     })
 }
 
-fn vqa_examples(scene: &Scene) -> Result<Vec<Example>> {
+fn vqa_examples(scene: &Scene, present_only: bool) -> Result<Vec<Example>> {
     let mut out = vec![answer(
         "how many shapes are there?".into(),
         scene.shapes.len().to_string(),
     )?];
     for kind in ShapeKind::ALL {
+        if present_only && count_of(scene, kind) == 0 {
+            continue;
+        }
         out.push(answer(
             format!("how many {} are there?", kind.plural()),
             count_of(scene, kind).to_string(),
@@ -808,9 +825,10 @@ fn detect_example(scene: &Scene, kinds: &[ShapeKind]) -> Result<Example> {
     })
 }
 
-fn detect_examples(scene: &Scene) -> Result<Vec<Example>> {
+fn detect_examples(scene: &Scene, present_only: bool) -> Result<Vec<Example>> {
     let mut out = ShapeKind::ALL
         .iter()
+        .filter(|&&k| !present_only || count_of(scene, k) > 0)
         .map(|&k| detect_example(scene, &[k]))
         .collect::<Result<Vec<_>>>()?;
     let present: Vec<ShapeKind> = ShapeKind::ALL
@@ -827,6 +845,15 @@ fn detect_examples(scene: &Scene) -> Result<Vec<Example>> {
 /// Every example of a scene, in the order of the table in the module docs. Fails only for a
 /// hand-made scene whose boxes cannot be encoded (an image side of 0, an inverted box).
 pub fn examples(scene: &Scene) -> Result<Vec<Example>> {
+    examples_with(scene, false)
+}
+
+/// [`examples`], or with `present_only` only the per-kind questions (`how many circles`,
+/// `detect circle`) about kinds present in the scene: no "0" answers and no empty detections.
+/// Those are most of a scene's examples and can be answered well without looking (a count of
+/// 0 is right two times in three), which pulls a model trained from scratch towards ignoring
+/// the image; a first phase without them teaches it to look (see tools/train_demo.sh).
+pub fn examples_with(scene: &Scene, present_only: bool) -> Result<Vec<Example>> {
     let mut out = vec![Example {
         task: TaskType::Caption,
         prefix: Task::Caption {
@@ -836,8 +863,8 @@ pub fn examples(scene: &Scene) -> Result<Vec<Example>> {
         .prompt()?,
         suffix: caption(scene),
     }];
-    out.extend(vqa_examples(scene)?);
-    out.extend(detect_examples(scene)?);
+    out.extend(vqa_examples(scene, present_only)?);
+    out.extend(detect_examples(scene, present_only)?);
     Ok(out)
 }
 
@@ -862,12 +889,22 @@ pub struct DatasetSpec {
     pub seed: u64,
     /// Image side in pixels.
     pub size: u32,
+    /// Shapes per scene: 1 to this (at most [`MAX_SHAPES`]).
+    pub max_shapes: usize,
+    /// Only the per-kind questions about kinds present (see [`examples_with`]).
+    pub present_only: bool,
 }
 
 impl DatasetSpec {
     pub fn check(&self) -> Result<()> {
         if self.n == 0 {
             bail!("--n must be at least 1 (the number of images to generate)");
+        }
+        if !(1..=MAX_SHAPES).contains(&self.max_shapes) {
+            bail!(
+                "--max-shapes {} is out of range: scenes hold 1 to {MAX_SHAPES} shapes",
+                self.max_shapes
+            );
         }
         if !(MIN_SIZE..=MAX_SIZE).contains(&self.size) {
             bail!(
@@ -966,7 +1003,7 @@ pub fn write_dataset(
 
 /// The PNG bytes and examples of scene `index`.
 fn make_scene_files(spec: &DatasetSpec, index: usize) -> Result<(Vec<u8>, Vec<Example>)> {
-    let scene = scene(spec.seed, index as u64, spec.size);
+    let scene = scene_with(spec.seed, index as u64, spec.size, spec.max_shapes);
     let img = render(&scene);
     let mut png = Vec::new();
     // Fixed encoder settings: the bytes depend only on the pixels (and the png crate version).
@@ -978,7 +1015,7 @@ fn make_scene_files(spec: &DatasetSpec, index: usize) -> Result<(Vec<u8>, Vec<Ex
             image::ExtendedColorType::Rgb8,
         )
         .with_context(|| format!("cannot encode image {index} as PNG"))?;
-    Ok((png, examples(&scene)?))
+    Ok((png, examples_with(&scene, spec.present_only)?))
 }
 
 /// Refuses a non-empty folder unless `force`, then creates `out/images`.
@@ -1021,6 +1058,8 @@ fn write_meta(out: &Path, spec: &DatasetSpec, summary: &Summary) -> Result<()> {
         "seed": spec.seed,
         "n": spec.n,
         "size": spec.size,
+        "max_shapes": spec.max_shapes,
+        "present_only": spec.present_only,
         "kinds": ShapeKind::ALL.map(|k| k.name()),
         "colours": Colour::ALL.map(|c| serde_json::json!({"name": c.name(), "rgb": c.rgb()})),
         "examples": counts,
@@ -1218,6 +1257,15 @@ mod tests {
         );
         // 1 caption, 1 + 5 counts, 1 colour, 5 single detections, 1 present, 1 all.
         assert_eq!(ex.len(), 15);
+        // Present kinds only: no count of 0, no empty detection, the rest unchanged.
+        let present = examples_with(&scene, true).unwrap();
+        let kept: Vec<_> = ex
+            .iter()
+            .filter(|e| e.suffix != "0" && !(e.task == TaskType::Detect && e.suffix.is_empty()))
+            .cloned()
+            .collect();
+        assert_eq!(present, kept);
+        assert_eq!(present.len(), 15 - 3 - 3);
     }
 
     #[test]
@@ -1252,11 +1300,31 @@ mod tests {
     }
 
     #[test]
+    fn max_shapes_bounds_the_count_and_three_is_the_default() {
+        for i in 0..40 {
+            assert_eq!(scene_with(5, i, 112, 1).shapes.len(), 1);
+            assert!(scene_with(5, i, 112, 2).shapes.len() <= 2);
+            assert_eq!(scene_with(5, i, 112, MAX_SHAPES), scene(5, i, 112));
+        }
+        let spec = DatasetSpec {
+            n: 1,
+            seed: 0,
+            size: 112,
+            max_shapes: 4,
+            present_only: false,
+        };
+        let err = spec.check().unwrap_err().to_string();
+        assert!(err.contains("--max-shapes 4"), "{err}");
+    }
+
+    #[test]
     fn image_names_widen_past_five_digits() {
         let spec = |n| DatasetSpec {
             n,
             seed: 0,
             size: 224,
+            max_shapes: MAX_SHAPES,
+            present_only: false,
         };
         assert_eq!(spec(100_000).image_path(12), "images/00012.png");
         assert_eq!(spec(100_001).image_path(12), "images/000012.png");

@@ -17,7 +17,13 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn spec(n: usize, seed: u64, size: u32) -> DatasetSpec {
-    DatasetSpec { n, seed, size }
+    DatasetSpec {
+        n,
+        seed,
+        size,
+        max_shapes: MAX_SHAPES,
+        present_only: false,
+    }
 }
 
 fn write(out: &Path, spec: &DatasetSpec) -> paligemma::shapes::Summary {

@@ -5,7 +5,9 @@ use anyhow::{Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use paligemma::eval::Evaluator;
-use paligemma::shapes::{COMBINED_FILE, DatasetSpec, MAX_SIZE, MIN_SIZE, TaskType, write_dataset};
+use paligemma::shapes::{
+    COMBINED_FILE, DatasetSpec, MAX_SHAPES, MAX_SIZE, MIN_SIZE, TaskType, write_dataset,
+};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -22,6 +24,14 @@ pub struct ShapesArgs {
     /// Image side in pixels (32 to 4096).
     #[arg(long, default_value_t = 224)]
     pub size: u32,
+    /// Shapes per scene: 1 to this many (at most 3). Scenes with one shape are the easiest
+    /// start for a model trained from scratch.
+    #[arg(long, default_value_t = MAX_SHAPES)]
+    pub max_shapes: usize,
+    /// Ask the per-kind questions (`how many circles`, `detect circle`) only about kinds
+    /// present in the scene: no "0" counts and no empty detections.
+    #[arg(long)]
+    pub present_only: bool,
     /// Write into a non-empty folder, overwriting files of the same name.
     #[arg(long)]
     pub force: bool,
@@ -32,6 +42,8 @@ pub fn run(args: ShapesArgs) -> Result<()> {
         n: args.n,
         seed: args.seed,
         size: args.size,
+        max_shapes: args.max_shapes,
+        present_only: args.present_only,
     };
     // Checked before the bar appears, so a bad flag gives only its error.
     spec.check()?;

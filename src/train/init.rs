@@ -9,7 +9,8 @@
 //! | linear and convolution weights, token embeddings | normal, std `initializer_range` (0.02) | transformers' `PaliGemmaPreTrainedModel._init_weights` |
 //! | the last projection of every residual branch: SigLIP `out_proj` and `fc2`, Gemma `o_proj` and `down_proj` | 0 | each block starts as the identity, so the image reaches the decoder unblurred (see below) |
 //! | SigLIP patch embedding | normal, std `1/√fan_in` (LeCun, as SigLIP) | patch contents of unit scale |
-//! | SigLIP position embeddings | normal, std 0.5 | positions about as visible as patch contents: detection needs them |
+//! | SigLIP position embeddings | a 2-D sine/cosine code of the patch's place ([`grid_code`]), std 0.5 | positions about as visible as patch contents, near patches near vectors: detection needs them |
+//! | projector weight | normal, std `0.02·h/√d` (`h` text hidden, `d` vision hidden) | image tokens reach the decoder at the scale of text embeddings (see below) |
 //! | biases | 0 | |
 //! | SigLIP LayerNorm weights | 1 | identity |
 //! | Gemma RMSNorm weights | 0 | Gemma scales by `1 + w`, so 0 is the identity |
@@ -48,7 +49,13 @@ pub const INITIALIZER_RANGE: f32 = 0.02;
 /// How a tensor starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Start {
-    Normal { std: f32 },
+    Normal {
+        std: f32,
+    },
+    /// Rows of a `side`×`side` patch grid (row-major) as [`grid_code`]s.
+    GridCode {
+        side: usize,
+    },
     Zeros,
     Ones,
 }
@@ -90,7 +97,9 @@ pub fn parameters(config: &PaliGemmaConfig) -> Vec<Parameter> {
     add(
         format!("{p}.embeddings.position_embedding.weight"),
         vec![patches, d],
-        Start::Normal { std: 0.5 },
+        Start::GridCode {
+            side: v.image_size / v.patch_size,
+        },
     );
     let linear = |add: &mut dyn FnMut(String, Vec<usize>, Start), name: String, i, o, w| {
         add(format!("{name}.weight"), vec![o, i], w);
@@ -129,12 +138,19 @@ pub fn parameters(config: &PaliGemmaConfig) -> Vec<Parameter> {
     }
     add(format!("{p}.post_layernorm.weight"), vec![d], Start::Ones);
     add(format!("{p}.post_layernorm.bias"), vec![d], Start::Zeros);
+    // PaliGemma divides image features by √(text hidden) where text embeddings are multiplied
+    // by it; a 0.02 projector would make image tokens ~√h·√h/√d times smaller than text tokens
+    // in the decoder's residual stream (17× for the demo), and the first attention outputs
+    // would drown them. This std gives image and text tokens the same scale.
+    let text_hidden = config.text.hidden_size as f32;
     linear(
         &mut add,
         "multi_modal_projector.linear".into(),
         d,
         config.projection_dim,
-        normal,
+        Start::Normal {
+            std: INITIALIZER_RANGE * text_hidden / (d as f32).sqrt(),
+        },
     );
 
     let t = &config.text;
@@ -192,6 +208,12 @@ pub fn random_weights(
                 Start::Zeros => vec![0.0; n],
                 Start::Ones => vec![1.0; n],
                 Start::Normal { std } => (0..n).map(|_| std * standard_normal(&mut rng)).collect(),
+                Start::GridCode { side } => {
+                    let d = p.shape[1];
+                    (0..side * side)
+                        .flat_map(|i| grid_code(i % side, i / side, side, d))
+                        .collect()
+                }
             };
             if let (true, Some(first)) = (p.name == embed, first_loc) {
                 let h = p.shape[1];
@@ -221,6 +243,32 @@ pub fn loc_code(bin: u32, hidden: usize) -> Vec<f32> {
         let w = std::f64::consts::PI * 256f64.powf(k as f64 / (pairs.max(2) - 1) as f64);
         row[2 * k] = (scale * (w * t).sin()) as f32;
         row[2 * k + 1] = (scale * (w * t).cos()) as f32;
+    }
+    row
+}
+
+/// Per-value std of the starting position embeddings: positions about as visible as patch
+/// contents, which detection needs.
+pub const POSITION_STD: f64 = 0.5;
+
+/// The starting position embedding of the patch in column `x`, row `y` of a `side`×`side`
+/// grid: for `K = dim/4` frequencies `ω_k = π·side^(k/(K−1))` (wavelengths from twice the image
+/// down to two patches), `[sin ω_k·u, cos ω_k·u, sin ω_k·v, cos ω_k·v]` of the patch centre
+/// `(u, v)` in `[0, 1]²`, scaled to per-value std [`POSITION_STD`] (big_vision's `sincos2d`
+/// idea with wavelengths fitted to the grid). Neighbouring patches start with similar vectors,
+/// so what is learned about one position carries to the next; dimensions past `4K` are 0.
+pub fn grid_code(x: usize, y: usize, side: usize, dim: usize) -> Vec<f32> {
+    let quads = dim / 4;
+    let scale = POSITION_STD * std::f64::consts::SQRT_2;
+    let centre = |i: usize| (i as f64 + 0.5) / side as f64;
+    let (u, v) = (centre(x), centre(y));
+    let mut row = vec![0.0f32; dim];
+    for k in 0..quads {
+        let w = std::f64::consts::PI * (side as f64).powf(k as f64 / (quads.max(2) - 1) as f64);
+        row[4 * k] = (scale * (w * u).sin()) as f32;
+        row[4 * k + 1] = (scale * (w * u).cos()) as f32;
+        row[4 * k + 2] = (scale * (w * v).sin()) as f32;
+        row[4 * k + 3] = (scale * (w * v).cos()) as f32;
     }
     row
 }
@@ -266,6 +314,24 @@ mod tests {
         // Per-value std as the normal rows': 0.02.
         let std = (norm / 192.0).sqrt();
         assert!((std - 0.02).abs() < 1e-4, "{std}");
+    }
+
+    #[test]
+    fn near_patches_get_near_codes() {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let code = |x, y| grid_code(x, y, 8, 128);
+        let norm = dot(&code(3, 3), &code(3, 3));
+        let cos =
+            |a: (usize, usize), b: (usize, usize)| dot(&code(a.0, a.1), &code(b.0, b.1)) / norm;
+        assert!((dot(&code(0, 7), &code(0, 7)) - norm).abs() < 1e-4);
+        assert!(cos((3, 3), (4, 3)) > cos((3, 3), (6, 3)));
+        assert!(cos((3, 3), (3, 4)) > cos((3, 3), (3, 7)));
+        // Moving along x and along y changes different halves of each quadruple equally.
+        assert!((cos((3, 3), (4, 3)) - cos((3, 3), (3, 4))).abs() < 1e-5);
+        let std = (f64::from(norm) / 128.0).sqrt();
+        assert!((std - POSITION_STD).abs() < 1e-4, "{std}");
+        // Dimensions past the last whole quadruple stay zero.
+        assert_eq!(grid_code(1, 2, 8, 130)[128..], [0.0, 0.0]);
     }
 
     #[test]
