@@ -22,9 +22,12 @@ const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
 
 impl ModelFiles {
-    /// `spec` is a folder, a big_vision `.npz` file, or a Hub id such as
-    /// `google/paligemma2-3b-mix-224`.
+    /// `spec` is `demo` (the model built into the binary, see [`crate::demo`]), a folder, a
+    /// big_vision `.npz` file, or a Hub id such as `google/paligemma2-3b-mix-224`.
     pub fn resolve(spec: &str) -> Result<Self> {
+        if spec == crate::demo::NAME {
+            return Self::from_dir(&crate::demo::folder()?);
+        }
         let path = Path::new(spec);
         if path.is_dir() {
             return Self::from_dir(path);

@@ -19,6 +19,7 @@ pub mod attention_mask;
 pub mod big_vision;
 pub mod checkpoint;
 pub mod config;
+pub mod demo;
 pub mod eval;
 pub mod gemma;
 pub mod generate;

@@ -31,7 +31,8 @@ pub enum DTypeArg {
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A checkpoint folder in the Hub layout, a Hub id such as google/paligemma2-3b-mix-224, or
+    /// `demo` (the small model built into this program, trained on synthetic shapes), a
+    /// checkpoint folder in the Hub layout, a Hub id such as google/paligemma2-3b-mix-224, or
     /// a big_vision `.npz` checkpoint (with `tokenizer.json` beside it).
     #[arg(long)]
     pub model: String,
