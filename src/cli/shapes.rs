@@ -174,6 +174,8 @@ mod tests {
             n,
             seed: 1,
             size,
+            max_shapes: MAX_SHAPES,
+            present_only: false,
             force: false,
         };
         assert!(run(args(0, 32)).unwrap_err().to_string().contains("--n"));
