@@ -251,7 +251,11 @@ unsafe fn tile_avx512<const MR: usize, const R: usize>(
             }
         }
     }
-    acc.map(|row| row.map(|a| _mm512_reduce_add_ps(a)))
+    let mut out = [[0f32; R]; MR];
+    for (o, a) in out.iter_mut().flatten().zip(acc.iter().flatten()) {
+        *o = _mm512_reduce_add_ps(*a);
+    }
+    out
 }
 
 /// Sixteen bf16 values at `p` as f32.
@@ -306,7 +310,11 @@ unsafe fn tile_avx2<const MR: usize, const R: usize>(
             }
         }
     }
-    acc.map(|row| row.map(|a| hsum256(a)))
+    let mut out = [[0f32; R]; MR];
+    for (o, a) in out.iter_mut().flatten().zip(acc.iter().flatten()) {
+        *o = hsum256(*a);
+    }
+    out
 }
 
 /// Eight bf16 values at `p` as f32.
