@@ -34,20 +34,17 @@ const PREFILL_ROWS: [usize; 2] = [260, 1024];
 
 fn main() {
     let started = now_utc();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let load_before = load_average();
     let bandwidth = read_bandwidth();
     println!("read bandwidth: {bandwidth:.1} GB/s");
     let gemv = gemv_table(bandwidth);
     let gemm = gemm_table();
+    let load_after = load_average();
     let section = format!(
         "### Kernels: bf16 weights × f32 activations\n\n\
          Measured {started} UTC on {cpu}, {cores} cores, by `cargo bench --bench kernels` \
-         (`benches/kernels.rs`); load average {load} at the start. Every call reads its \
+         (`benches/kernels.rs`); load average (1, 5, 15 min) {load_before} at the start and \
+         {load_after} at the end (above 2, other work shared the two cores). Every call reads its \
          weights from memory: each shape cycles through copies of its weights adding up to \
          1 GiB. Times are medians.\n\n\
          Read bandwidth, two threads summing a 1 GiB buffer: **{bandwidth:.1} GB/s**.\n\n\
@@ -235,6 +232,17 @@ fn random_f32(len: usize, seed: u64) -> Vec<f32> {
             (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect()
+}
+
+/// `/proc/loadavg`'s 1, 5 and 15 minute averages, or `unknown`.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let avg: Vec<&str> = text.split_whitespace().take(3).collect();
+    if avg.is_empty() {
+        "unknown".into()
+    } else {
+        avg.join(" ")
+    }
 }
 
 fn cpu_model() -> String {
