@@ -13,8 +13,10 @@ use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-/// Bytes the weight copies of one shape add up to, well past the last-level cache.
-const WORKING_SET: usize = 1 << 30;
+/// Bytes the weight copies of one shape (and the bandwidth test's buffer) add up to: well
+/// past the last-level cache, which keeps part of a cyclic 1 GiB working set here (a 1 GiB
+/// sum runs about a third faster than a 4 GiB one).
+const WORKING_SET: usize = 4 << 30;
 /// How long each measurement repeats for (at least `MIN_ITERS` calls).
 const MEASURE: Duration = Duration::from_millis(1500);
 const MIN_ITERS: usize = 5;
@@ -44,10 +46,10 @@ fn main() {
         "### Kernels: bf16 weights × f32 activations\n\n\
          Measured {started} UTC on {cpu}, {cores} cores, by `cargo bench --bench kernels` \
          (`benches/kernels.rs`); load average (1, 5, 15 min) {load_before} at the start and \
-         {load_after} at the end (above 2, other work shared the two cores). Every call reads its \
+         {load_after} at the end (one-minute averages lag, and the benchmark itself adds about 2). Every call reads its \
          weights from memory: each shape cycles through copies of its weights adding up to \
-         1 GiB. Times are medians.\n\n\
-         Read bandwidth, two threads summing a 1 GiB buffer: **{bandwidth:.1} GB/s**.\n\n\
+         4 GiB. Times are medians.\n\n\
+         Read bandwidth, two threads summing a 4 GiB buffer: **{bandwidth:.1} GB/s**.\n\n\
          #### Few rows (decoding): time per call, and GB/s of weights read\n\n\
          `AVX-512`, `AVX2` and `portable` are the kernels of `ops::linear` forced to one \
          instruction set (the model uses the fastest the CPU has); `before` is the \
@@ -63,7 +65,7 @@ fn main() {
     write_section(&section);
 }
 
-/// GB/s two threads reach summing a 1 GiB buffer: the bound for any kernel that streams
+/// GB/s two threads reach summing a 4 GiB buffer: the bound for any kernel that streams
 /// weights once.
 fn read_bandwidth() -> f64 {
     let buf: Vec<u64> = (0..WORKING_SET / 8).map(|i| i as u64).collect();
@@ -187,7 +189,7 @@ impl Weights {
 }
 
 /// Median seconds of candle's f32 `x Wᵀ` on copies of `weights` widened to f32 (the
-/// copies cover the same 1 GiB working set, so half as many of them).
+/// copies cover the same working set, so half as many of them).
 fn candle_time(weights: &Weights, x: &[f32], m: usize) -> f64 {
     let (n, k) = (weights.n, weights.k);
     let dev = Device::Cpu;
