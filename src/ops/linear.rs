@@ -1,14 +1,21 @@
 //! Fully connected layers, `y = x Wᵀ + b`, with `W` stored `[out, in]` as in the checkpoints.
 //!
 //! f32 weights go through candle's GEMM. bf16 weights stay bf16 in memory (borrowed from the
-//! checkpoint's memory map when possible) and are widened to f32 a few rows at a time inside
-//! our own kernel, accumulating in f32: candle's CPU matmul would widen the whole matrix on
-//! every call.
+//! checkpoint's memory map when possible) and are widened to f32 inside our own kernels,
+//! accumulating in f32: candle's CPU matmul would widen the whole matrix on every call. Few
+//! rows (decoding) stream the weights once through [`gemv`]'s register-widening kernels;
+//! many rows widen slabs of weights for the `gemm` crate.
 
 use crate::ops::autodiff;
 use crate::weights::{Bf16Data, WeightStore, WeightsError};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
+
+#[doc(hidden)]
+pub mod baseline;
+mod gemv;
+
+pub use gemv::Isa;
 
 /// How the decoder's and encoder's matrices are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,48 +244,30 @@ pub type VisitParams<'a> = &'a mut dyn FnMut(&str, &mut Tensor) -> Result<()>;
 
 /// Multiplies `x` `[m, k]` by the transpose of bf16 `w` `[n, k]`, giving `[m, n]`.
 pub fn matmul_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
+    matmul_bf16_on(Isa::detect(), x, m, k, w, n)
+}
+
+/// [`matmul_bf16`] with the few-row kernel for a chosen instruction set, for tests and
+/// benchmarks.
+///
+/// # Panics
+/// If a length does not match the shapes, or if this CPU lacks `isa`'s instructions.
+pub fn matmul_bf16_on(isa: Isa, x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x has the wrong length");
     assert_eq!(w.len(), n * k, "w has the wrong length");
-    // Few rows (decoding): memory-bound, so stream the weights once through dot products.
+    // Few rows (decoding): memory-bound, so stream the weights once, widening in registers.
     // Many rows (prefill, vision): compute-bound, so widen slabs of weights and use a GEMM.
     if m < GEMM_MIN_ROWS {
-        gemv_bf16(x, m, k, w, n)
+        let mut y = vec![0f32; m * n];
+        gemv::gemv_bf16(isa, x, m, k, w, n, &mut y);
+        y
     } else {
         gemm_bf16(x, m, k, w, n)
     }
 }
 
-const GEMM_MIN_ROWS: usize = 8;
-
-fn gemv_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
-    // Each task widens a block of weight rows once and reuses it for every row of x.
-    const BLOCK: usize = 16;
-    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(BLOCK))
-        .into_par_iter()
-        .map(|b| {
-            let r0 = b * BLOCK;
-            let r1 = (r0 + BLOCK).min(n);
-            let mut wide = vec![0f32; (r1 - r0) * k];
-            widen_bf16(&w[r0 * k..r1 * k], &mut wide);
-            let mut out = vec![0f32; m * (r1 - r0)];
-            for (i, xrow) in x.chunks_exact(k).enumerate() {
-                for (j, wrow) in wide.chunks_exact(k).enumerate() {
-                    out[i * (r1 - r0) + j] = dot(xrow, wrow);
-                }
-            }
-            out
-        })
-        .collect();
-    let mut y = vec![0f32; m * n];
-    for (b, block) in blocks.iter().enumerate() {
-        let r0 = b * BLOCK;
-        let width = block.len() / m.max(1);
-        for i in 0..m {
-            y[i * n + r0..i * n + r0 + width].copy_from_slice(&block[i * width..(i + 1) * width]);
-        }
-    }
-    y
-}
+/// Rows of `x` from which a GEMM on widened weights beats streaming them once per product.
+pub const GEMM_MIN_ROWS: usize = 8;
 
 fn gemm_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
     // Slabs of about 8 MiB of widened weights: big enough for the GEMM to run at speed, small
@@ -323,45 +312,10 @@ fn gemm_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
     y
 }
 
-fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+pub(crate) fn widen_bf16(src: &[u16], dst: &mut [f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = f32::from_bits((s as u32) << 16);
     }
-}
-
-/// A dot product with eight independent accumulators, so the compiler can vectorise it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // Safety: the features were just detected.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_portable(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
-}
-
-#[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, ar) = a.split_at(a.len() / 8 * 8);
-    let (bc, br) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ar.iter().zip(br) {
-        s = x.mul_add(*y, s);
-    }
-    s
 }
 
 #[cfg(test)]
@@ -373,6 +327,93 @@ mod tests {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Random `x` `[m, k]` and bf16 `w` `[n, k]`.
+    fn random_problem(seed: &mut u64, m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<u16>) {
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(seed)).collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|_| half::bf16::from_f32(lcg(seed)).to_bits())
+            .collect();
+        (x, w)
+    }
+
+    /// Checks `y` against an f64 reference, within f32 rounding of a length-`k` sum.
+    fn assert_matches_reference(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, y: &[f32]) {
+        assert_eq!(y.len(), m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k)
+                    .map(|t| x[i * k + t] as f64 * half::bf16::from_bits(w[j * k + t]).to_f64());
+                let (want, scale) = terms.fold((0f64, 0f64), |(s, a), v| (s + v, a + v.abs()));
+                let got = y[i * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * scale + 1e-6,
+                    "({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_f64_reference_on_odd_shapes() {
+        let mut seed = 11u64;
+        let shapes = [
+            (1, 0, 3),
+            (2, 15, 1),
+            (1, 16, 4),
+            (4, 17, 9),
+            (5, 31, 6),
+            (6, 7, 13),
+            (7, 129, 10),
+            (8, 40, 11),
+            (9, 23, 7),
+            (3, 33, 5003),
+            (1, 2048, 67),
+            (2, 1000, 130),
+            (12, 77, 21),
+            (64, 48, 65),
+        ];
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
+            for &(m, k, n) in &shapes {
+                let (x, w) = random_problem(&mut seed, m, k, n);
+                let y = matmul_bf16_on(isa, &x, m, k, &w, n);
+                assert_matches_reference(&x, m, k, &w, n, &y);
+            }
+        }
+    }
+
+    #[test]
+    fn every_rows_count_below_the_gemm_matches_f64_reference() {
+        // Rows of x come in groups of each kernel's tile height; every remainder must work.
+        let mut seed = 3u64;
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
+            for m in 1..=GEMM_MIN_ROWS + 1 {
+                let (x, w) = random_problem(&mut seed, m, 50, 23);
+                let y = matmul_bf16_on(isa, &x, m, 50, &w, 23);
+                assert_matches_reference(&x, m, 50, &w, 23, &y);
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_agree_with_the_baseline() {
+        let mut seed = 5u64;
+        let (m, k, n) = (3, 300, 77);
+        let (x, w) = random_problem(&mut seed, m, k, n);
+        let old = baseline::gemv_bf16(&x, m, k, &w, n);
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
+            let y = matmul_bf16_on(isa, &x, m, k, &w, n);
+            for (a, b) in y.iter().zip(&old) {
+                assert!((a - b).abs() < 1e-4, "{isa:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn detected_kernel_is_available_and_portable_always_is() {
+        assert!(Isa::detect().available());
+        assert!(Isa::Portable.available());
     }
 
     #[test]
