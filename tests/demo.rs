@@ -51,8 +51,8 @@ fn the_example_scene_is_what_the_test_says() {
 fn readme_first_commands_read_the_example_and_draw_it() {
     let (seed, index, size) = EXAMPLE;
     let truth = scene(seed, index, size);
-    // The count comes from the image: the model answers it right on held-out scenes far more
-    // often than the prior would (see README), and this scene is one of them.
+    // The true count of this held-out scene (the model's answers on held-out scenes beat the
+    // text prior overall, see README; this scene is one it gets right).
     let answer = json(&[
         "ask",
         "--model",
