@@ -8,6 +8,7 @@
 //! copies of its weights that together are larger than any cache.
 
 use candle_core::{Device, Tensor};
+use paligemma::ops::linear::quant::{ByteSlice, QuantFormat, QuantMatrix};
 use paligemma::ops::linear::{self, Isa, baseline};
 use rayon::prelude::*;
 use std::hint::black_box;
@@ -39,7 +40,13 @@ fn main() {
     let load_before = load_average();
     let bandwidth = read_bandwidth();
     println!("read bandwidth: {bandwidth:.1} GB/s");
+    // `cargo bench --bench kernels -- quant`: only the quantized table, printed, not written.
+    if std::env::args().any(|a| a == "quant") {
+        quant_table(bandwidth);
+        return;
+    }
     let gemv = gemv_table(bandwidth);
+    let quant = quant_table(bandwidth);
     let gemm = gemm_table();
     let load_after = load_average();
     let section = format!(
@@ -56,6 +63,10 @@ fn main() {
          implementation they replaced (`ops::linear::baseline`); `candle f32` is candle's \
          matmul on the same weights in f32, which reads twice the bytes. `% of bandwidth` is \
          the fastest new kernel's GB/s over the read bandwidth above.\n\n{gemv}\n\
+         #### Few rows, quantized weights (`--quant q8|q4`): time per call, and GB/s read\n\n\
+         Group-wise q8 (8.5 bits per weight) and q4 (4.5 bits) of `ops::linear::quant`, per \
+         instruction set; the bytes include the f16 scales. `bf16` repeats the fastest bf16 \
+         kernel for the ratio.\n\n{quant}\n\
          #### Many rows (prefill): GFLOP/s\n\n\
          `bf16` is `matmul_bf16` (slabs of weights widened to f32, then the `gemm` crate); \
          `candle f32` is candle's matmul with f32 weights.\n\n{gemm}",
@@ -118,6 +129,56 @@ fn gemv_table(bandwidth: f64) -> String {
             println!("{row}");
             table += &row;
             table += "\n";
+        }
+    }
+    table
+}
+
+fn quant_table(bandwidth: f64) -> String {
+    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    let mut table = String::from("| weight [n, k] | rows | format |");
+    for isa in &isas {
+        table += &format!(" {} |", isa_name(*isa));
+    }
+    table += " bf16 | % of bandwidth |\n|---|---|---|";
+    table += &"---|".repeat(isas.len() + 2);
+    table += "\n";
+    for &(name, n, k) in &DECODER_SHAPES {
+        let w = random_f32(n * k, 3);
+        let bf16 = Weights::new(n, k);
+        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+            let one = QuantMatrix::quantize(format, &w, n, k).expect("quantize");
+            let bytes = (one.values().len() + one.scales().len()) as f64;
+            let copies: Vec<QuantMatrix> = (0..(WORKING_SET as f64 / bytes).ceil() as usize)
+                .map(|_| {
+                    let part = |b: &[u8]| ByteSlice::owned(b.to_vec());
+                    QuantMatrix::from_parts(format, n, k, part(one.values()), part(one.scales()))
+                        .expect("copy")
+                })
+                .collect();
+            for &m in &DECODE_ROWS {
+                let x = random_f32(m * k, 1);
+                let mut row = format!("| {name} [{n}, {k}] | {m} | {} |", format.name());
+                let mut best = 0f64;
+                for &isa in &isas {
+                    let s = median_secs(|i| {
+                        black_box(linear::matmul_quant_on(
+                            isa,
+                            &x,
+                            m,
+                            &copies[i % copies.len()],
+                        ));
+                    });
+                    best = best.max(bytes / s / 1e9);
+                    row += &cell(s, bytes);
+                }
+                let s = bf16.time(|wb| linear::matmul_bf16(&x, m, k, wb, n));
+                row += &cell(s, (2 * n * k) as f64);
+                row += &format!(" {:.0}% |", 100.0 * best / bandwidth);
+                println!("{row}");
+                table += &row;
+                table += "\n";
+            }
         }
     }
     table

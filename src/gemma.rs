@@ -334,6 +334,7 @@ impl Decoder {
         let embed_scale = match format {
             WeightFormat::F32 => scale as f64,
             WeightFormat::Bf16 => half::bf16::from_f32(scale).to_f64(),
+            WeightFormat::Quant(_) => scale as f64,
         };
         Ok(Self {
             embed_tokens,
@@ -367,6 +368,11 @@ impl Decoder {
             f(&format!("{p}.mlp.down_proj"), &mut m.down_proj)?;
         }
         Ok(())
+    }
+
+    /// The token embedding (tied output head) as a linear layer `[vocab, hidden]`.
+    pub fn embed_tokens_mut(&mut self) -> &mut Linear {
+        &mut self.embed_tokens
     }
 
     /// Every parameter under its Hub name (`language_model.model.*`); the embedding is tied to

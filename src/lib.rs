@@ -33,6 +33,7 @@ pub mod paligemma;
 pub mod parse;
 pub mod preprocess;
 pub mod prompt;
+pub mod quantize;
 pub mod resize;
 pub mod sampling;
 pub mod score;

@@ -45,6 +45,9 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Fold a LoRA adapter into its base model: writes a Hub-layout checkpoint folder.
     MergeLora(cli::train::MergeLoraArgs),
+    /// Save a checkpoint with its linear layers quantized (q8 or q4), to load without
+    /// quantizing again.
+    Quantize(cli::quantize::QuantizeArgs),
 }
 
 fn main() {
@@ -62,6 +65,7 @@ fn main() {
         Command::EvalShapes(args) => cli::shapes::eval(args),
         Command::Train(args) => cli::train::run(args),
         Command::MergeLora(args) => cli::train::merge_lora(args),
+        Command::Quantize(args) => cli::quantize::run(args),
     };
     if let Err(e) = result {
         // One line: the chain of causes, outermost first.

@@ -220,6 +220,24 @@ impl VisionTower {
     /// Every parameter under its Hub name (`vision_tower.vision_model.*`). The patch
     /// embedding's convolution kernel is held flattened, `[hidden, 3·p·p]` (the checkpoint's
     /// `[hidden, 3, p, p]` in row-major order).
+    /// The encoder layers' linear layers by Hub module name.
+    pub fn visit_layer_linears_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("vision_tower.vision_model.encoder.layers.{i}");
+            let a = &mut layer.attn;
+            f(&format!("{p}.self_attn.q_proj"), &mut a.q)?;
+            f(&format!("{p}.self_attn.k_proj"), &mut a.k)?;
+            f(&format!("{p}.self_attn.v_proj"), &mut a.v)?;
+            f(&format!("{p}.self_attn.out_proj"), &mut a.out)?;
+            f(&format!("{p}.mlp.fc1"), &mut layer.fc1)?;
+            f(&format!("{p}.mlp.fc2"), &mut layer.fc2)?;
+        }
+        Ok(())
+    }
+
     pub fn visit_params_mut(&mut self, f: VisitParams<'_>) -> Result<()> {
         let p = "vision_tower.vision_model";
         self.patch_embedding

@@ -5,6 +5,7 @@
 //! `language_model.model.*`). transformers 5.x saves the vision tower as `vision_tower.*` and
 //! names modules `model.language_model.*` in memory; both are mapped on open.
 
+use crate::ops::linear::quant::{self, ByteSlice, QuantFormat, QuantMatrix};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -33,6 +34,8 @@ pub enum WeightsError {
     },
     #[error("tensor `{name}` has dtype {dtype:?}; only F32, BF16 and F16 weights are supported")]
     Dtype { name: String, dtype: Dtype },
+    #[error("tensor `{name}`: {msg}")]
+    Unusable { name: String, msg: String },
     #[error("tensor `{name}`: {source}")]
     Candle {
         name: String,
@@ -220,6 +223,12 @@ impl WeightStore {
         })
     }
 
+    /// A tensor's stored dtype, shape and raw little-endian bytes.
+    pub fn raw(&self, name: &str) -> Option<(Dtype, &[usize], &[u8])> {
+        let e = self.entries.get(name)?;
+        Some((e.dtype, &e.shape, e.bytes(&self.files)))
+    }
+
     /// Canonical names of every tensor in the store.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(|s| s.as_str())
@@ -315,6 +324,110 @@ impl WeightStore {
             }
         };
         Ok(Bf16Data::Owned(Arc::new(owned)))
+    }
+}
+
+impl WeightStore {
+    /// Quantizes the stored matrix `name` `[n, k]` (F32, BF16 or F16), a row at a time.
+    pub fn quantize(
+        &self,
+        name: &str,
+        n: usize,
+        k: usize,
+        format: QuantFormat,
+    ) -> Result<QuantMatrix, WeightsError> {
+        let e = self.entry(name, &[n, k])?;
+        let bytes = e.bytes(&self.files);
+        let width = match e.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            dtype => {
+                return Err(WeightsError::Dtype {
+                    name: name.into(),
+                    dtype,
+                });
+            }
+        };
+        let dtype = e.dtype;
+        let fill = |r: usize, dst: &mut [f32]| {
+            let src = &bytes[r * k * width..(r + 1) * k * width];
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(width)) {
+                *d = match dtype {
+                    Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                    Dtype::BF16 => f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16),
+                    _ => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                };
+            }
+        };
+        QuantMatrix::quantize_rows(format, n, k, &fill).map_err(|e| WeightsError::Unusable {
+            name: name.to_string(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// The matrix `name` `[n, k]` as `paligemma quantize` stores it (`{name}.q8` or
+    /// `{name}.q4` with `{name}.scales`), borrowed from the memory map; `None` when the
+    /// checkpoint holds it unquantized.
+    pub fn quantized(
+        &self,
+        name: &str,
+        n: usize,
+        k: usize,
+    ) -> Result<Option<QuantMatrix>, WeightsError> {
+        let Some((format, values)) = [QuantFormat::Q8, QuantFormat::Q4]
+            .into_iter()
+            .find_map(|f| Some((f, self.entries.get(&format!("{name}.{}", f.name()))?)))
+        else {
+            return Ok(None);
+        };
+        let scales_name = format!("{name}.scales");
+        let scales = self
+            .entries
+            .get(&scales_name)
+            .ok_or(WeightsError::Missing {
+                name: scales_name.clone(),
+            })?;
+        let check = |what: String, e: &Entry, dtype: Dtype, cols: usize| {
+            if e.dtype != dtype {
+                return Err(WeightsError::Unusable {
+                    name: what.clone(),
+                    msg: format!("stored as {:?}, expected {dtype:?}", e.dtype),
+                });
+            }
+            if e.shape != [n, cols] {
+                return Err(WeightsError::Shape {
+                    name: what,
+                    found: e.shape.clone(),
+                    expected: vec![n, cols],
+                });
+            }
+            Ok(())
+        };
+        check(
+            format!("{name}.{}", format.name()),
+            values,
+            Dtype::U8,
+            format.row_bytes(k),
+        )?;
+        check(
+            scales_name.clone(),
+            scales,
+            Dtype::F16,
+            quant::padded(k) / quant::GROUP,
+        )?;
+        let slice = |e: &Entry| {
+            let bytes: SharedBytes = match &e.owned {
+                Some(owned) => owned.clone(),
+                None => self.files[e.file].1.clone(),
+            };
+            ByteSlice::new(bytes, e.start, e.end - e.start)
+        };
+        QuantMatrix::from_parts(format, n, k, slice(values), slice(scales))
+            .map(Some)
+            .map_err(|e| WeightsError::Unusable {
+                name: name.to_string(),
+                msg: e.to_string(),
+            })
     }
 }
 

@@ -34,9 +34,9 @@ def peak_rss_gb(stderr):
     return int(m.group(1)) / 1e6 if m else float("nan")
 
 
-def ours(binary, model, dtype, tokens):
+def ours(binary, model, flags, tokens):
     cmd = ["/usr/bin/time", "-v", binary, "generate", "--model", model, "--image", IMAGE,
-           "--prompt", "caption en", "--max-new-tokens", str(tokens), "--dtype", dtype]
+           "--prompt", "caption en", "--max-new-tokens", str(tokens)] + flags
     p = run(cmd)
     if p.returncode != 0:
         raise SystemExit(f"paligemma failed:\n{p.stderr}")
@@ -95,10 +95,26 @@ def main():
         raise SystemExit(p.stderr)
     binary = os.path.join(ROOT, "target/release/paligemma")
 
+    # Quantized folders, written once by `paligemma quantize` (cached like the checkpoint).
+    saved = {}
+    for q in ("q8", "q4"):
+        saved[q] = os.path.join(ROOT, "bench-cache", f"{args.variant}-{q}")
+        if not os.path.exists(os.path.join(saved[q], "model.safetensors")):
+            p = run([binary, "quantize", "--model", model, "--out", saved[q], "--quant", q])
+            if p.returncode != 0:
+                raise SystemExit(p.stderr)
+
     rows = []
-    for dtype in ("bf16", "f32"):
-        r, cmd = ours(binary, model, dtype, args.tokens)
-        rows.append((f"paligemma-rs, {dtype}", r, cmd))
+    for name, path, flags in [
+        ("bf16", model, ["--dtype", "bf16"]),
+        ("f32", model, ["--dtype", "f32"]),
+        ("q8, quantized at load", model, ["--quant", "q8"]),
+        ("q4, quantized at load", model, ["--quant", "q4"]),
+        ("q8, folder saved by `paligemma quantize`", saved["q8"], []),
+        ("q4, folder saved by `paligemma quantize`", saved["q4"], []),
+    ]:
+        r, cmd = ours(binary, path, flags, args.tokens)
+        rows.append((f"paligemma-rs, {name}", r, cmd))
     if have_python and not args.skip_peer:
         for dtype in ("f32",):
             r, cmd = peer(args.python, model, dtype, args.tokens)

@@ -2,6 +2,7 @@
 //! running prompts with text streamed to the terminal.
 
 pub mod locate;
+pub mod quantize;
 pub mod run;
 pub mod serve;
 pub mod shapes;
@@ -14,6 +15,7 @@ use clap::{Args, ValueEnum};
 use paligemma::checkpoint::ModelFiles;
 use paligemma::generate::{GenerateOptions, Generated, Request, Strategy, generate};
 use paligemma::ops::linear::WeightFormat;
+use paligemma::ops::linear::quant::QuantFormat;
 use paligemma::paligemma::PaliGemma;
 use paligemma::preprocess::{ImageSize, PreprocessorConfig};
 use paligemma::prompt;
@@ -29,6 +31,21 @@ pub enum DTypeArg {
     Bf16,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum QuantArg {
+    Q8,
+    Q4,
+}
+
+impl QuantArg {
+    pub fn format(self) -> QuantFormat {
+        match self {
+            Self::Q8 => QuantFormat::Q8,
+            Self::Q4 => QuantFormat::Q4,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct ModelArgs {
     /// `demo` (the small model built into this program, trained on synthetic shapes), a
@@ -39,6 +56,11 @@ pub struct ModelArgs {
     /// Weight precision: f32, or bf16 (weights kept in bf16, f32 accumulation).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
+    /// Quantize the linear layers at load, in groups of 32 with f16 scales: q8 (8.5 bits per
+    /// weight) or q4 (4.5 bits; the vision tower then takes q8). A folder written by
+    /// `paligemma quantize` is already quantized and needs no flag.
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantArg>,
     /// A LoRA adapter folder (PEFT layout, as `paligemma train --train lora` writes) applied
     /// on top of --model.
     #[arg(long)]
@@ -115,9 +137,10 @@ impl Session {
     pub fn load(args: &ModelArgs) -> Result<Self> {
         let t0 = Instant::now();
         let files = ModelFiles::resolve(&args.model)?;
-        let format = match args.dtype {
-            DTypeArg::F32 => WeightFormat::F32,
-            DTypeArg::Bf16 => WeightFormat::Bf16,
+        let format = match (args.quant, args.dtype) {
+            (Some(q), _) => WeightFormat::Quant(q.format()),
+            (None, DTypeArg::F32) => WeightFormat::F32,
+            (None, DTypeArg::Bf16) => WeightFormat::Bf16,
         };
         let device = Device::Cpu;
         let mut model = PaliGemma::load(&files, format, &device)

@@ -278,6 +278,7 @@ fn load(args: &TrainArgs, mode: Mode) -> Result<Run> {
             let session = Session::load(&ModelArgs {
                 model: spec,
                 dtype: DTypeArg::F32,
+                quant: None,
                 adapter: None,
             })?;
             (files, session)
@@ -532,6 +533,7 @@ pub fn merge_lora(args: MergeLoraArgs) -> Result<()> {
     let mut session = Session::load(&ModelArgs {
         model: args.model.clone(),
         dtype: DTypeArg::F32,
+        quant: None,
         adapter: Some(args.adapter.clone()),
     })?;
     lora::merge(&mut session.model)?;

@@ -14,20 +14,36 @@ use rayon::prelude::*;
 #[doc(hidden)]
 pub mod baseline;
 mod gemv;
+mod qgemv;
+pub mod quant;
 
 pub use gemv::Isa;
+use quant::{QuantFormat, QuantMatrix};
 
 /// How the decoder's and encoder's matrices are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
     F32,
     Bf16,
+    /// Group-wise quantized ([`quant`]).
+    Quant(QuantFormat),
+}
+
+impl WeightFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Quant(q) => q.name(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub enum Weight {
     F32(Tensor),
     Bf16(Bf16Data),
+    Quant(QuantMatrix),
 }
 
 #[derive(Debug, Clone)]
@@ -62,9 +78,24 @@ impl Linear {
     ) -> std::result::Result<Self, WeightsError> {
         let name = format!("{prefix}.weight");
         let shape = [out_features, in_features];
-        let weight = match format {
-            WeightFormat::F32 => Weight::F32(store.f32(&name, &shape, device)?),
-            WeightFormat::Bf16 => Weight::Bf16(store.bf16(&name, &shape)?),
+        // A checkpoint written by `paligemma quantize` fixes the format of its matrices.
+        let weight = match (store.quantized(&name, out_features, in_features)?, format) {
+            (Some(q), WeightFormat::Quant(asked)) if q.format != asked => {
+                return Err(WeightsError::Unusable {
+                    name,
+                    msg: format!(
+                        "the checkpoint stores it quantized to {}, and {} was asked for; leave out --quant or quantize the original checkpoint",
+                        q.format.name(),
+                        asked.name()
+                    ),
+                });
+            }
+            (Some(q), _) => Weight::Quant(q),
+            (None, WeightFormat::F32) => Weight::F32(store.f32(&name, &shape, device)?),
+            (None, WeightFormat::Bf16) => Weight::Bf16(store.bf16(&name, &shape)?),
+            (None, WeightFormat::Quant(q)) => {
+                Weight::Quant(store.quantize(&name, out_features, in_features, q)?)
+            }
         };
         let bias = if bias {
             Some(store.f32(&format!("{prefix}.bias"), &[out_features], device)?)
@@ -89,6 +120,14 @@ impl Linear {
             in_features,
             lora: None,
         })
+    }
+
+    /// The quantized weight, when the layer holds one.
+    pub fn quantized(&self) -> Option<&QuantMatrix> {
+        match &self.weight {
+            Weight::Quant(q) => Some(q),
+            _ => None,
+        }
     }
 
     pub fn out_features(&self) -> usize {
@@ -156,15 +195,24 @@ impl Linear {
                 }
                 Tensor::from_vec(out, (ids.len(), k), device)
             }
+            Weight::Quant(q) => {
+                let k = self.in_features;
+                let mut out = vec![0f32; ids.len() * k];
+                for (dst, &id) in out.chunks_exact_mut(k).zip(ids) {
+                    q.dequantize_rows(id as usize, dst);
+                }
+                Tensor::from_vec(out, (ids.len(), k), device)
+            }
         }
     }
 
     /// The dtype values of this weight are rounded to: scale factors that transformers casts
     /// to the weight dtype must be rounded the same way.
     pub fn format(&self) -> WeightFormat {
-        match self.weight {
+        match &self.weight {
             Weight::F32(_) => WeightFormat::F32,
             Weight::Bf16(_) => WeightFormat::Bf16,
+            Weight::Quant(q) => WeightFormat::Quant(q.format),
         }
     }
 
@@ -189,7 +237,10 @@ impl Linear {
         if x2.track_op() && !self.params_tracked() {
             // Training through a frozen layer: the input's gradient only.
             let Weight::F32(w) = &self.weight else {
-                candle_core::bail!("gradients cannot flow through bf16 weights; load f32 to train")
+                candle_core::bail!(
+                    "gradients cannot flow through {} weights; load f32 to train",
+                    self.format().name()
+                )
             };
             return autodiff::frozen_linear(x2, w, self.bias.as_ref());
         }
@@ -199,6 +250,12 @@ impl Linear {
                 let xs = x2.to_dtype(DType::F32)?.contiguous()?;
                 let xv = xs.flatten_all()?.to_vec1::<f32>()?;
                 let yv = matmul_bf16(&xv, rows, self.in_features, w.as_slice(), self.out_features);
+                Tensor::from_vec(yv, (rows, self.out_features), x.device())?
+            }
+            Weight::Quant(q) => {
+                let xs = x2.to_dtype(DType::F32)?.contiguous()?;
+                let xv = xs.flatten_all()?.to_vec1::<f32>()?;
+                let yv = matmul_quant(&xv, rows, q);
                 Tensor::from_vec(yv, (rows, self.out_features), x.device())?
             }
         };
@@ -212,7 +269,7 @@ impl Linear {
     fn params_tracked(&self) -> bool {
         let w = match &self.weight {
             Weight::F32(w) => w.track_op(),
-            Weight::Bf16(_) => false,
+            Weight::Bf16(_) | Weight::Quant(_) => false,
         };
         w || self.bias.as_ref().is_some_and(|b| b.track_op())
     }
@@ -223,8 +280,11 @@ impl Linear {
         let name = format!("{prefix}.weight");
         match &mut self.weight {
             Weight::F32(w) => f(&name, w)?,
-            Weight::Bf16(_) => {
-                candle_core::bail!("{name} is held in bf16; training needs the model loaded in f32")
+            Weight::Bf16(_) | Weight::Quant(_) => {
+                candle_core::bail!(
+                    "{name} is held in {}; training needs the model loaded in f32",
+                    self.format().name()
+                )
             }
         }
         if let Some(b) = &mut self.bias {
@@ -269,19 +329,56 @@ pub fn matmul_bf16_on(isa: Isa, x: &[f32], m: usize, k: usize, w: &[u16], n: usi
 /// Rows of `x` from which a GEMM on widened weights beats streaming them once per product.
 pub const GEMM_MIN_ROWS: usize = 8;
 
+/// `x` `[m, k]` times the transpose of a quantized `[n, k]` matrix, giving `[m, n]`.
+pub fn matmul_quant(x: &[f32], m: usize, q: &QuantMatrix) -> Vec<f32> {
+    matmul_quant_on(Isa::detect(), x, m, q)
+}
+
+/// [`matmul_quant`] with the few-row kernel for a chosen instruction set.
+pub fn matmul_quant_on(isa: Isa, x: &[f32], m: usize, q: &QuantMatrix) -> Vec<f32> {
+    if m < GEMM_MIN_ROWS {
+        q.gemv(isa, x, m)
+    } else {
+        gemm_slabs(x, m, q.k, q.n, &|r0, dst| {
+            dst.par_chunks_mut(q.k.max(1) * 16)
+                .enumerate()
+                .for_each(|(c, d)| q.dequantize_rows(r0 + c * 16, d))
+        })
+    }
+}
+
 fn gemm_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
+    gemm_slabs(x, m, k, n, &|r0, dst| {
+        let rows = dst.len() / k.max(1);
+        dst.par_chunks_mut(k * 16)
+            .zip(w[r0 * k..(r0 + rows) * k].par_chunks(k * 16))
+            .for_each(|(dst, src)| widen_bf16(src, dst))
+    })
+}
+
+/// `x` `[m, k]` times the transpose of an `[n, k]` matrix that `fill(r0, dst)` writes in f32,
+/// `dst.len() / k` rows from row `r0` at a time.
+fn gemm_slabs(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    fill: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x has the wrong length");
     // Slabs of about 8 MiB of widened weights: big enough for the GEMM to run at speed, small
     // enough to stay in cache and not to double the memory of large matrices.
     let slab_rows = ((8 << 20) / (4 * k.max(1))).max(64).min(n.max(1));
     let mut wide = vec![0f32; slab_rows * k];
     let mut y = vec![0f32; m * n];
+    if k == 0 {
+        return y;
+    }
     let threads = rayon::current_num_threads();
     for r0 in (0..n).step_by(slab_rows) {
         let rows = slab_rows.min(n - r0);
         let wide = &mut wide[..rows * k];
-        wide.par_chunks_mut(k * 16)
-            .zip(w[r0 * k..(r0 + rows) * k].par_chunks(k * 16))
-            .for_each(|(dst, src)| widen_bf16(src, dst));
+        fill(r0, wide);
         // Safety: every pointer/stride pair stays inside its buffer: y is [m, n] row-major
         // and we write its columns r0..r0+rows; x is [m, k]; wide is [rows, k], read as its
         // transpose [k, rows].
