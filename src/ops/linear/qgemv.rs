@@ -16,8 +16,8 @@
 //!   (`w + 128`), q4 nibbles already are (`q + 8`); the excess (`128·Σqx`, `8·Σqx` over each
 //!   lane's four values) is subtracted per lane from sums precomputed with `x`. Each lane is
 //!   then scaled by `dx·dw` of its group, in f32.
-//! - Elsewhere, portable code, compiled for AVX2 where the CPU has it, which the compiler
-//!   vectorises.
+//! - AVX2: `vpmaddubsw` + `vpmaddwd`, one group per step ([`rows_avx2`]).
+//! - Elsewhere, plain Rust.
 
 use super::Isa;
 use super::quant::{GROUP, QuantFormat, f16_to_f32};
@@ -30,8 +30,9 @@ pub struct QuantizedRows {
     pub m: usize,
     /// Padded row length (whole groups).
     pub kp: usize,
-    /// `[m, kp]` int8 values, in the order of the weights' bytes: natural for q8; for q4 each
-    /// block of four groups as the low nibbles' values (16 per group) then the high ones'.
+    /// `[m, kp]` int8 values, in the order the kernel reads the weights' bytes: natural, or
+    /// for q4 under the VNNI kernel each block of four groups as the low nibbles' values (16
+    /// per group) then the high ones'.
     q: Vec<i8>,
     /// `[m, kp / GROUP]` scales.
     d: Vec<f32>,
@@ -40,17 +41,24 @@ pub struct QuantizedRows {
     excess: Vec<i32>,
     /// `[m, kp / 4]`: the scale `dx` of each lane's group.
     lane_d: Vec<f32>,
+    /// `[m, kp / GROUP]`: the sum of each group's values.
+    group_sum: Vec<i32>,
+    /// Whether q4 values are in the VNNI kernel's block order (else natural order).
+    blocked: bool,
 }
 
 /// Groups per block in the q4 layout: 64 bytes of packed weights, one AVX-512 register.
 const Q4_BLOCK: usize = 4;
 
 impl QuantizedRows {
-    /// Quantizes `x` `[m, k]` for products with weights of `format` (rows padded to `kp`).
-    pub fn new(format: QuantFormat, x: &[f32], m: usize, k: usize, kp: usize) -> Self {
+    /// Quantizes `x` `[m, k]` for products with weights of `format` (rows padded to `kp`) on
+    /// the kernel for `isa`.
+    pub fn new(isa: Isa, format: QuantFormat, x: &[f32], m: usize, k: usize, kp: usize) -> Self {
         let groups = kp / GROUP;
+        let blocked = format == QuantFormat::Q4 && isa == Isa::Avx512 && has_vnni();
         let mut q = vec![0i8; m * kp];
         let mut d = vec![0f32; m * groups];
+        let mut group_sum = vec![0i32; m * groups];
         let mut natural = [0i8; GROUP];
         for i in 0..m {
             let row = &x[i * k..(i + 1) * k];
@@ -65,10 +73,11 @@ impl QuantizedRows {
                     *dst = ((r + 0.5f32.copysign(r)) as i32).clamp(-127, 127) as i8;
                 }
                 d[i * groups + g] = dx;
+                group_sum[i * groups + g] = natural.iter().map(|&v| v as i32).sum();
                 let out = &mut q[i * kp..(i + 1) * kp];
-                match format {
-                    QuantFormat::Q8 => out[g * GROUP..(g + 1) * GROUP].copy_from_slice(&natural),
-                    QuantFormat::Q4 => {
+                match blocked {
+                    false => out[g * GROUP..(g + 1) * GROUP].copy_from_slice(&natural),
+                    true => {
                         // Block of Q4_BLOCK groups: low-nibble values of each group (16 each)
                         // first, then the high ones; a partial last block keeps the order.
                         let (block, slot) = (g / Q4_BLOCK, g % Q4_BLOCK);
@@ -95,9 +104,9 @@ impl QuantizedRows {
         let mut lane_d = vec![0f32; m * kp / 4];
         for i in 0..m {
             for lane in 0..kp / 4 {
-                let g = match format {
-                    QuantFormat::Q8 => lane * 4 / GROUP,
-                    QuantFormat::Q4 => {
+                let g = match blocked {
+                    false => lane * 4 / GROUP,
+                    true => {
                         let pos = lane * 4;
                         let base = pos / (Q4_BLOCK * GROUP);
                         let in_block = Q4_BLOCK.min(groups - base * Q4_BLOCK);
@@ -115,7 +124,23 @@ impl QuantizedRows {
             d,
             excess,
             lane_d,
+            group_sum,
+            blocked,
         }
+    }
+
+    /// Where group `g`'s values for the low and the high nibbles start in a q4 row.
+    #[inline(always)]
+    fn q4_halves(&self, g: usize) -> (usize, usize) {
+        const HALF: usize = GROUP / 2;
+        if !self.blocked {
+            return (g * GROUP, g * GROUP + HALF);
+        }
+        let groups = self.kp / GROUP;
+        let (block, slot) = (g / Q4_BLOCK, g % Q4_BLOCK);
+        let base = block * Q4_BLOCK * GROUP;
+        let in_block = Q4_BLOCK.min(groups - block * Q4_BLOCK);
+        (base + slot * HALF, base + (in_block + slot) * HALF)
     }
 }
 
@@ -147,27 +172,87 @@ pub fn rows(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if has_vnni() => unsafe { rows_vnni(format, xq, vals, scales, out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => unsafe { rows_avx2(format, xq, vals, scales, out) },
+        Isa::Avx512 | Isa::Avx2 if std::is_x86_feature_detected!("f16c") => unsafe {
+            match format {
+                QuantFormat::Q8 => rows_avx2::<false>(xq, vals, scales, out),
+                QuantFormat::Q4 => rows_avx2::<true>(xq, vals, scales, out),
+            }
+        },
         _ => rows_portable(format, xq, vals, scales, out),
     }
 }
 
+/// One group (32 values) per step: `vpmaddubsw` multiplies unsigned by signed bytes into
+/// pairs, `vpmaddwd` adds the pairs into 8 int32 lanes of four values each. q8 weights are
+/// signed, so they are made unsigned with their sign moved onto `x` (`|w|·sign(x, w)`, at
+/// most 2·127² per pair, no saturation); q4 nibbles are unsigned already (`q + 8`), and the
+/// `8·Σx` they add is taken off per group.
+///
 /// # Safety
-/// The CPU must support AVX2 and FMA.
+/// The CPU must support AVX2, FMA and F16C; the slices hold whole padded rows.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(
-    format: QuantFormat,
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2<const Q4: bool>(
     xq: &QuantizedRows,
     vals: &[u8],
     scales: &[u8],
     out: &mut [f32],
 ) {
-    rows_portable(format, xq, vals, scales, out)
+    const HALF: usize = GROUP / 2;
+    let (m, kp, groups) = (xq.m, xq.kp, xq.kp / GROUP);
+    let rb = if Q4 { kp / 2 } else { kp };
+    let mut dw = vec![0f32; groups.div_ceil(8) * 8];
+    let ones = _mm256_set1_epi16(1);
+    for (r, o) in out.chunks_exact_mut(m).enumerate() {
+        let row = &vals[r * rb..(r + 1) * rb];
+        // The row's scales, eight at a time.
+        let sc = &scales[r * 2 * groups..(r + 1) * 2 * groups];
+        for (c, d) in sc.chunks(16).zip(dw.chunks_exact_mut(8)) {
+            let mut h = [0u8; 16];
+            h[..c.len()].copy_from_slice(c);
+            // Safety: both arrays hold 8 values.
+            let v = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(h.as_ptr().cast()) });
+            unsafe { _mm256_storeu_ps(d.as_mut_ptr(), v) };
+        }
+        for (i, o) in o.iter_mut().enumerate() {
+            let x = &xq.q[i * kp..(i + 1) * kp];
+            let dx = &xq.d[i * groups..(i + 1) * groups];
+            let sums = &xq.group_sum[i * groups..(i + 1) * groups];
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut correction = 0f32;
+            for g in 0..groups {
+                let s = dw[g] * dx[g];
+                // Safety (loads): group g's bytes and values lie inside the row and x.
+                let lanes = if !Q4 {
+                    let w = unsafe { _mm256_loadu_si256(row.as_ptr().add(g * GROUP).cast()) };
+                    let xv = unsafe { _mm256_loadu_si256(x.as_ptr().add(g * GROUP).cast()) };
+                    let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+                    _mm256_madd_epi16(pairs, ones)
+                } else {
+                    let v = unsafe { _mm_loadu_si128(row.as_ptr().add(g * HALF).cast()) };
+                    let mask = _mm_set1_epi8(15);
+                    let lo = _mm_and_si128(v, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+                    let w = _mm256_set_m128i(hi, lo);
+                    let (lo_at, hi_at) = xq.q4_halves(g);
+                    let xl = unsafe { _mm_loadu_si128(x.as_ptr().add(lo_at).cast()) };
+                    let xh = unsafe { _mm_loadu_si128(x.as_ptr().add(hi_at).cast()) };
+                    correction += (8 * sums[g]) as f32 * s;
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set_m128i(xh, xl)), ones)
+                };
+                let a = g & 1;
+                acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(s), acc[a]);
+            }
+            let v = _mm256_add_ps(acc[0], acc[1]);
+            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            let v = _mm_add_ss(v, _mm_shuffle_ps::<1>(v, v));
+            *o = _mm_cvtss_f32(v) - correction;
+        }
+    }
 }
 
-/// Integer sums per group in plain Rust; inlined into [`rows_avx2`] to be vectorised there.
-#[inline(always)]
+/// Integer sums per group in plain Rust.
 fn rows_portable(
     format: QuantFormat,
     xq: &QuantizedRows,
@@ -198,13 +283,9 @@ fn rows_portable(
                     }
                     QuantFormat::Q4 => {
                         let w: &[u8; HALF] = row[g * HALF..][..HALF].try_into().unwrap();
-                        let (block, slot) = (g / Q4_BLOCK, g % Q4_BLOCK);
-                        let base = block * Q4_BLOCK * GROUP;
-                        let in_block = Q4_BLOCK.min(groups - block * Q4_BLOCK);
-                        let lo: &[i8; HALF] = xr[base + slot * HALF..][..HALF].try_into().unwrap();
-                        let hi: &[i8; HALF] = xr[base + (in_block + slot) * HALF..][..HALF]
-                            .try_into()
-                            .unwrap();
+                        let (lo_at, hi_at) = xq.q4_halves(g);
+                        let lo: &[i8; HALF] = xr[lo_at..][..HALF].try_into().unwrap();
+                        let hi: &[i8; HALF] = xr[hi_at..][..HALF].try_into().unwrap();
                         let mut s = 0i32;
                         for j in 0..HALF {
                             s += ((w[j] & 15) as i32 - 8) * (lo[j] as i32);

@@ -295,7 +295,7 @@ impl QuantMatrix {
         if m == 0 || n == 0 {
             return yt;
         }
-        let xq = qgemv::QuantizedRows::new(self.format, x, m, k, kp);
+        let xq = qgemv::QuantizedRows::new(isa, self.format, x, m, k, kp);
         let (rb, groups) = (self.format.row_bytes(k), kp / GROUP);
         let chunk = chunk_rows(n, rb + 2 * groups);
         yt.par_chunks_mut(chunk * m)
