@@ -50,7 +50,7 @@ fn main() {
     let gemm = gemm_table();
     let load_after = load_average();
     let section = format!(
-        "### Kernels: bf16 weights × f32 activations\n\n\
+        "### Kernels: bf16 and quantized weights × f32 activations\n\n\
          Measured {started} UTC on {cpu}, {cores} cores, by `cargo bench --bench kernels` \
          (`benches/kernels.rs`); load average (1, 5, 15 min) {load_before} at the start and \
          {load_after} at the end (one-minute averages lag, and the benchmark itself adds about 2). Every call reads its \
@@ -65,7 +65,8 @@ fn main() {
          the fastest new kernel's GB/s over the read bandwidth above.\n\n{gemv}\n\
          #### Few rows, quantized weights (`--quant q8|q4`): time per call, and GB/s read\n\n\
          Group-wise q8 (8.5 bits per weight) and q4 (4.5 bits) of `ops::linear::quant`, per \
-         instruction set; the bytes include the f16 scales. `bf16` repeats the fastest bf16 \
+         instruction set, with `x` rounded to int8 per group for integer dot products \
+         (`ops::linear::qgemv`: AVX-512 VNNI, AVX2, portable); the bytes include the f16 scales. `bf16` repeats the fastest bf16 \
          kernel for the ratio.\n\n{quant}\n\
          #### Many rows (prefill): GFLOP/s\n\n\
          `bf16` is `matmul_bf16` (slabs of weights widened to f32, then the `gemm` crate); \
