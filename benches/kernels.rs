@@ -45,6 +45,11 @@ fn main() {
         quant_table(bandwidth);
         return;
     }
+    // `cargo bench --bench kernels -- gemm`: only the many-row table, printed, not written.
+    if std::env::args().any(|a| a == "gemm") {
+        gemm_table();
+        return;
+    }
     let gemv = gemv_table(bandwidth);
     let quant = quant_table(bandwidth);
     let gemm = gemm_table();
@@ -69,8 +74,12 @@ fn main() {
          (`ops::linear::qgemv`: AVX-512 VNNI, AVX2, portable); the bytes include the f16 scales. `bf16` repeats the fastest bf16 \
          kernel for the ratio.\n\n{quant}\n\
          #### Many rows (prefill): GFLOP/s\n\n\
-         `bf16` is `matmul_bf16` (slabs of weights widened to f32, then the `gemm` crate); \
-         `candle f32` is candle's matmul with f32 weights.\n\n{gemm}",
+         `AVX-512` and `AVX2` are `matmul_bf16`'s register-tiled GEMM (`ops::linear::gemm`) \
+         forced to one instruction set; `widened slabs` is what runs without either, slabs of \
+         weights widened to f32 for the `gemm` crate; `candle f32` is candle's matmul with f32 \
+         weights. The f32 FMA peak of the machine is {fma_peak:.0} GFLOP/s \
+         (two threads of independent FMAs).\n\n{gemm}",
+        fma_peak = fma_peak(),
         cpu = cpu_model(),
         cores = std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
@@ -186,26 +195,91 @@ fn quant_table(bandwidth: f64) -> String {
 }
 
 fn gemm_table() -> String {
-    let mut table =
-        String::from("| weight [n, k] | rows | bf16 | candle f32 |\n|---|---|---|---|\n");
+    let mut table = String::from(
+        "| weight [n, k] | rows | AVX-512 | AVX2 | widened slabs | candle f32 |\n|---|---|---|---|---|---|\n",
+    );
     for &(name, n, k) in DECODER_SHAPES.iter().filter(|s| s.0 != "vocab head") {
         let weights = Weights::new(n, k);
         for &m in &PREFILL_ROWS {
             let x = random_f32(m * k, 2);
             let flops = 2.0 * (m * n * k) as f64;
-            let bf16 = weights.time(|w| linear::matmul_bf16(&x, m, k, w, n));
-            let f32 = candle_time(&weights, &x, m);
-            let row = format!(
-                "| {name} [{n}, {k}] | {m} | {:.1} | {:.1} |",
-                flops / bf16 / 1e9,
-                flops / f32 / 1e9
-            );
+            let gflops = |secs: f64| format!("{:.1}", flops / secs / 1e9);
+            let mut row = format!("| {name} [{n}, {k}] | {m} |");
+            for isa in Isa::ALL {
+                if isa.available() {
+                    let secs = weights.time(|w| linear::matmul_bf16_on(isa, &x, m, k, w, n));
+                    row += &format!(" {} |", gflops(secs));
+                } else {
+                    row += " - |";
+                }
+            }
+            row += &format!(" {} |", gflops(candle_time(&weights, &x, m)));
             println!("{row}");
             table += &row;
             table += "\n";
         }
     }
     table
+}
+
+/// GFLOP/s of two threads running independent f32 FMAs on the widest vectors the CPU has:
+/// the peak an f32 GEMM can approach.
+fn fma_peak() -> f64 {
+    const ITERS: usize = 10_000_000;
+    let start = Instant::now();
+    let flops: f64 = (0..rayon::current_num_threads())
+        .into_par_iter()
+        .map(|_| fma_loop(ITERS))
+        .sum();
+    flops / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Runs `iters` rounds of 12 independent vector FMAs; returns the flops done.
+fn fma_loop(iters: usize) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f")]
+        fn zmm(iters: usize) -> f64 {
+            let (a, b) = (_mm512_set1_ps(1.000_001), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_setzero_ps(); 12];
+            for _ in 0..iters {
+                for v in acc.iter_mut() {
+                    *v = _mm512_fmadd_ps(*v, a, b);
+                }
+            }
+            black_box(&acc);
+            (iters * 12 * 16 * 2) as f64
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn ymm(iters: usize) -> f64 {
+            let (a, b) = (_mm256_set1_ps(1.000_001), _mm256_set1_ps(1e-7));
+            let mut acc = [_mm256_setzero_ps(); 12];
+            for _ in 0..iters {
+                for v in acc.iter_mut() {
+                    *v = _mm256_fmadd_ps(*v, a, b);
+                }
+            }
+            black_box(&acc);
+            (iters * 12 * 8 * 2) as f64
+        }
+        if Isa::Avx512.available() {
+            // Safety: the CPU has AVX-512F.
+            return unsafe { zmm(iters) };
+        }
+        if Isa::Avx2.available() {
+            // Safety: the CPU has AVX2 and FMA.
+            return unsafe { ymm(iters) };
+        }
+    }
+    let mut acc = [0f32; 12];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = *v * 1.000_001 + 1e-7;
+        }
+    }
+    black_box(&acc);
+    (iters * 12 * 2) as f64
 }
 
 /// `" 1.23 ms (12.3 GB/s) |"`.

@@ -6,9 +6,10 @@
 
 use crate::config::{Activation, GemmaVersion, TextConfig};
 use crate::kv_cache::KvCache;
+use crate::ops::activation;
 use crate::ops::autodiff;
 use crate::ops::linear::{Linear, VisitParams, WeightFormat};
-use crate::siglip::activation;
+use crate::siglip;
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::{D, DType, Device, Result, Tensor};
 
@@ -182,8 +183,16 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = activation(&self.gate_proj.forward(x)?, self.act)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        let h = match self.act {
+            // One pass instead of three at inference; the same values as below.
+            Activation::GeluTanh if !gate.track_op() && !up.track_op() => {
+                activation::gelu_tanh_mul(&gate, &up)?
+            }
+            act => (siglip::activation(&gate, act)? * up)?,
+        };
+        self.down_proj.forward(&h)
     }
 
     fn visit_params_mut(&mut self, prefix: &str, f: VisitParams<'_>) -> Result<()> {

@@ -25,7 +25,7 @@ pub fn patchify(pixels: &Tensor, patch: usize) -> Result<Tensor> {
 
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
-        Activation::GeluTanh => x.gelu(),
+        Activation::GeluTanh => autodiff::gelu_tanh(x),
         Activation::GeluErf => x.gelu_erf(),
     }
 }

@@ -16,6 +16,7 @@
 //!
 //! Grafts run on the CPU backend only, as does the rest of the crate.
 
+use crate::ops::activation;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Storage, Tensor,
 };
@@ -225,6 +226,30 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         |_: &[&Tensor], y: &Tensor, g: &Tensor| {
             let total = g.sum_keepdim(D::Minus1)?;
             Ok(vec![Some((g - y.detach().exp()?.broadcast_mul(&total)?)?)])
+        },
+    ))
+}
+
+/// GELU with the tanh approximation, on the vectorised kernel of [`activation`].
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return activation::gelu_tanh(x);
+    }
+    let value = activation::gelu_tanh(&x.detach())?;
+    x.apply_op1(Graft::new(
+        "gelu-tanh-grad",
+        value,
+        |args: &[&Tensor], _: &Tensor, g: &Tensor| {
+            // y = x·(1 + tanh u)/2, u = c·(x + a·x³):
+            // dy/dx = (1 + t)/2 + x·(1 − t²)·c·(1 + 3a·x²)/2, t = tanh u.
+            const C: f64 = 0.797_884_560_802_865_4;
+            const A: f64 = 0.044715;
+            let x = args[0].detach();
+            let x2 = x.sqr()?;
+            let t = ((&x + (&x * &x2)? * A)? * C)?.tanh()?;
+            let du = ((&x2 * (3.0 * A))? + 1.0)? * C;
+            let slope = (((&t + 1.0)? + ((x * (1.0 - t.sqr()?)?)? * du)?)? * 0.5)?;
+            Ok(vec![Some((g * slope)?)])
         },
     ))
 }

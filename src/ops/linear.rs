@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 #[doc(hidden)]
 pub mod baseline;
+mod gemm;
 mod gemv;
 mod qgemv;
 pub mod quant;
@@ -307,8 +308,7 @@ pub fn matmul_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f3
     matmul_bf16_on(Isa::detect(), x, m, k, w, n)
 }
 
-/// [`matmul_bf16`] with the few-row kernel for a chosen instruction set, for tests and
-/// benchmarks.
+/// [`matmul_bf16`] with the kernels for a chosen instruction set, for tests and benchmarks.
 ///
 /// # Panics
 /// If a length does not match the shapes, or if this CPU lacks `isa`'s instructions.
@@ -316,14 +316,17 @@ pub fn matmul_bf16_on(isa: Isa, x: &[f32], m: usize, k: usize, w: &[u16], n: usi
     assert_eq!(x.len(), m * k, "x has the wrong length");
     assert_eq!(w.len(), n * k, "w has the wrong length");
     // Few rows (decoding): memory-bound, so stream the weights once, widening in registers.
-    // Many rows (prefill, vision): compute-bound, so widen slabs of weights and use a GEMM.
+    // Many rows (prefill, vision): compute-bound, so a register-tiled GEMM that widens each
+    // weight once; the `gemm` crate on widened slabs where we have no kernel.
+    let mut y = vec![0f32; m * n];
     if m < GEMM_MIN_ROWS {
-        let mut y = vec![0f32; m * n];
         gemv::gemv_bf16(isa, x, m, k, w, n, &mut y);
-        y
+    } else if gemm::supports(isa) {
+        gemm::gemm_bf16(isa, x, m, k, w, n, &mut y);
     } else {
-        gemm_bf16(x, m, k, w, n)
+        return gemm_bf16(x, m, k, w, n);
     }
+    y
 }
 
 /// Rows of `x` from which a GEMM on widened weights beats streaming them once per product.
@@ -383,7 +386,7 @@ fn gemm_slabs(
         // and we write its columns r0..r0+rows; x is [m, k]; wide is [rows, k], read as its
         // transpose [k, rows].
         unsafe {
-            gemm::gemm(
+            ::gemm::gemm(
                 m,
                 rows,
                 k,
@@ -402,7 +405,7 @@ fn gemm_slabs(
                 false,
                 false,
                 false,
-                gemm::Parallelism::Rayon(threads),
+                ::gemm::Parallelism::Rayon(threads),
             );
         }
     }
@@ -470,6 +473,11 @@ mod tests {
             (2, 1000, 130),
             (12, 77, 21),
             (64, 48, 65),
+            // The GEMM's edges: rows past a multiple of the tile's, columns past a multiple
+            // of 16 or 32, an odd k over several 256-value chunks.
+            (37, 515, 100),
+            (10, 301, 49),
+            (16, 256, 48),
         ];
         for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
             for &(m, k, n) in &shapes {

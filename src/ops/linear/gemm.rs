@@ -1,0 +1,430 @@
+//! Many-row products with bf16 weights, `y = x Wᵀ` for `x` `[m, k]` (prefill and the vision
+//! tower: hundreds of rows) and `W` `[n, k]` stored as bf16 bits, in f32 with FMAs.
+//!
+//! Prefill is compute-bound: each weight meets every row of `x`. The loop nest is the usual
+//! one for a register-tiled GEMM. Columns of `y` are cut into blocks of `NR` (two vectors),
+//! shared among rayon's threads. For each block, `k` is walked in chunks of [`KC`]: the block's
+//! weights for the chunk are widened to f32 into a small panel laid out as the tile reads them
+//! (for each `k`, the block's `NR` columns side by side), which stays in cache while every row
+//! of `x` passes over it, `MR` rows at a time, with `MR × 2` vector accumulators in registers:
+//! each step broadcasts one value of each row and multiplies it into two vectors of weights.
+//! Each weight is read from memory once per call and widened once.
+//!
+//! Products and sums are f32 (the weights' bf16 values are exact in f32), as in the few-row
+//! kernels of `gemv`: a row's result does not depend on the path beyond the order of the sums.
+
+use super::Isa;
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Values of `k` per panel: a 256 × 32-column panel is 32 KiB.
+const KC: usize = 256;
+/// Panels widened together: a tile of rows of `x` is read from memory once per block of
+/// `PANELS` panels (256 KiB, in the L2 cache) instead of once per panel.
+const PANELS: usize = 8;
+
+/// Register tile of an instruction set: rows of `x` and columns of `y` (two vectors).
+const fn tile_shape(isa: Isa) -> (usize, usize) {
+    match isa {
+        // 12 × 2 accumulators, two weight vectors and a broadcast: 27 of 32 registers.
+        Isa::Avx512 => (12, 32),
+        // 6 × 2 accumulators, two weight vectors and a broadcast: 15 of 16 registers.
+        Isa::Avx2 => (6, 16),
+        Isa::Portable => (4, 16),
+    }
+}
+
+/// Whether [`gemm_bf16`] has a kernel for `isa` (the portable setting has none: the caller
+/// uses the `gemm` crate instead).
+pub fn supports(isa: Isa) -> bool {
+    isa != Isa::Portable && isa.available()
+}
+
+/// Writes `x Wᵀ` into `y` `[m, n]` with the kernel for `isa`.
+///
+/// # Panics
+/// If a length does not match the shapes, or if [`supports`]`(isa)` is false.
+pub fn gemm_bf16(isa: Isa, x: &[f32], m: usize, k: usize, w: &[u16], n: usize, y: &mut [f32]) {
+    assert!(supports(isa), "no GEMM kernel for {isa:?} on this CPU");
+    assert_eq!(x.len(), m * k, "x has the wrong length");
+    assert_eq!(w.len(), n * k, "w has the wrong length");
+    assert_eq!(y.len(), m * n, "y has the wrong length");
+    y.fill(0.0);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let (mr, nr) = tile_shape(isa);
+    let xp = pack_rows(x, m, k, mr);
+    let out = SharedOut(y.as_mut_ptr());
+    // Blocks of up to PANELS panels, but enough blocks for every thread to have several.
+    let panels = n.div_ceil(nr);
+    let threads = rayon::current_num_threads().max(1);
+    let per_block = panels.div_ceil(4 * threads).clamp(1, PANELS);
+    (0..panels.div_ceil(per_block))
+        .into_par_iter()
+        .for_each_init(
+            || vec![0f32; PANELS * KC * nr],
+            |buf, b| {
+                let j0 = b * per_block * nr;
+                let cols = (per_block * nr).min(n - j0);
+                column_block(isa, &xp, m, k, w, n, j0, cols, buf, &out);
+            },
+        );
+}
+
+/// `x` `[m, k]` regrouped into tiles of `mr` rows, each stored column by column
+/// (`[k][mr]`, rows past `m` zero), so that a tile reads its broadcasts from one stream.
+fn pack_rows(x: &[f32], m: usize, k: usize, mr: usize) -> Vec<f32> {
+    let mut xp = vec![0f32; m.div_ceil(mr) * mr * k];
+    xp.par_chunks_mut(mr * k)
+        .zip(x.par_chunks(mr * k))
+        .for_each(|(dst, rows)| {
+            for (r, row) in rows.chunks_exact(k).enumerate() {
+                for (p, &v) in row.iter().enumerate() {
+                    dst[p * mr + r] = v;
+                }
+            }
+        });
+    xp
+}
+
+/// The output `[m, n]`, written by several threads at once in disjoint column blocks.
+struct SharedOut(*mut f32);
+
+// Safety: tasks write through the pointer only inside their own column block.
+unsafe impl Sync for SharedOut {}
+
+/// Columns `j0..j0 + cols` of `y`, over all of `k` and all rows of `x`: for each chunk of
+/// `k`, the block's panels are widened once, then each tile of rows of `x` passes over all of
+/// them while its chunk of `x` stays in the L1 cache.
+#[allow(clippy::too_many_arguments)]
+fn column_block(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u16],
+    n: usize,
+    j0: usize,
+    cols: usize,
+    buf: &mut [f32],
+    out: &SharedOut,
+) {
+    let (mr, nr) = tile_shape(isa);
+    let panels = cols.div_ceil(nr);
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let buf = &mut buf[..panels * kc * nr];
+        for (q, panel) in buf.chunks_exact_mut(kc * nr).enumerate() {
+            let c0 = q * nr;
+            pack_panel(isa, w, k, j0 + c0, nr.min(cols - c0), k0, nr, panel);
+        }
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = mr.min(m - i0);
+            for (q, panel) in buf.chunks_exact(kc * nr).enumerate() {
+                let c0 = q * nr;
+                // Safety: the kernel for `isa` runs on this CPU (asserted by `gemm_bf16`);
+                // the tile reads columns `k0..k0 + kc` of its packed rows (`mr` values per
+                // column), the `kc × nr` panel, and reads and writes rows `i0..i0 + rows`,
+                // columns `j0 + c0..` (at most `nr`, inside `cols`) of the `[m, n]` output,
+                // which no other task touches.
+                unsafe {
+                    let x0 = x.as_ptr().add(i0 * k + k0 * mr);
+                    let y0 = out.0.add(i0 * n + j0 + c0);
+                    tile(isa, x0, rows, panel.as_ptr(), kc, y0, n, nr.min(cols - c0));
+                }
+            }
+            i0 += rows;
+        }
+    }
+}
+
+/// Widens `w[j0 + c][k0 + p]` into `panel[p · nr + c]` for the `kc = panel.len() / nr` values
+/// of the chunk; columns past `cols` are zero.
+#[allow(clippy::too_many_arguments)]
+fn pack_panel(
+    isa: Isa,
+    w: &[u16],
+    k: usize,
+    j0: usize,
+    cols: usize,
+    k0: usize,
+    nr: usize,
+    panel: &mut [f32],
+) {
+    let kc = panel.len() / nr;
+    assert!(
+        cols <= nr && (j0 + cols) * k <= w.len() && k0 + kc <= k,
+        "panel bounds"
+    );
+    if cols < nr {
+        panel.fill(0.0);
+    }
+    // Square blocks of `b` rows × `b` values go through the vector transpose; the edges (fewer
+    // than `b` rows or values left) one value at a time.
+    let b = match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 => 8,
+        Isa::Portable => 1,
+    };
+    let (full_c, full_p) = if b > 1 {
+        (cols / b * b, kc / b * b)
+    } else {
+        (0, 0)
+    };
+    for c0 in (0..full_c).step_by(b) {
+        for p0 in (0..full_p).step_by(b) {
+            let src = (j0 + c0) * k + k0 + p0;
+            let dst = p0 * nr + c0;
+            // Safety: rows j0 + c0 .. + b of w hold the b values from k0 + p0 (asserted
+            // bounds, c0 + b ≤ cols, p0 + b ≤ kc); the panel holds b rows of nr from p0, at
+            // columns c0 .. c0 + b ≤ nr; the kernel for `isa` runs on this CPU.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => {
+                        transpose16(w.as_ptr().add(src), k, panel.as_mut_ptr().add(dst), nr)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => {
+                        transpose8(w.as_ptr().add(src), k, panel.as_mut_ptr().add(dst), nr)
+                    }
+                    _ => unreachable!(),
+                }
+            }
+        }
+    }
+    let widen = |v: u16| f32::from_bits((v as u32) << 16);
+    for c in 0..cols {
+        let row = &w[(j0 + c) * k + k0..(j0 + c) * k + k0 + kc];
+        let from = if c < full_c { full_p } else { 0 };
+        for (p, &v) in row.iter().enumerate().skip(from) {
+            panel[p * nr + c] = widen(v);
+        }
+    }
+}
+
+/// Widens the 16 × 16 bf16 block at `src` (row stride `k`) and writes its transpose at `dst`
+/// (row stride `nr`): `dst[p · nr + c] = src[c · k + p]`.
+///
+/// # Safety
+/// AVX-512F; 16 rows of 16 readable values at `src`, 16 rows of 16 writable values at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const u16, k: usize, dst: *mut f32, nr: usize) {
+    // Safety: every access is inside the two blocks the caller vouches for.
+    unsafe {
+        let r: [__m512; 16] = std::array::from_fn(|c| {
+            let raw = _mm256_loadu_si256(src.add(c * k).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        });
+        // Pairs of rows interleaved by 32 bits, then by 64 bits: b[4g + t] holds, in each
+        // 128-bit lane L, rows 4g..4g + 4 of column 4L + t.
+        let a: [__m512; 16] = std::array::from_fn(|i| {
+            let (x, y) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(x, y)
+            } else {
+                _mm512_unpackhi_ps(x, y)
+            }
+        });
+        let b: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, t) = (i / 4, i % 4);
+            let (x, y) = (
+                _mm512_castps_pd(a[4 * g + t / 2]),
+                _mm512_castps_pd(a[4 * g + 2 + t / 2]),
+            );
+            _mm512_castpd_ps(if t % 2 == 0 {
+                _mm512_unpacklo_pd(x, y)
+            } else {
+                _mm512_unpackhi_pd(x, y)
+            })
+        });
+        // Then the 4 × 4 lanes: column 4L + t gathers lane L of b[t], b[4 + t], b[8 + t],
+        // b[12 + t].
+        for t in 0..4 {
+            let c0 = _mm512_shuffle_f32x4::<0x88>(b[t], b[4 + t]);
+            let c1 = _mm512_shuffle_f32x4::<0xDD>(b[t], b[4 + t]);
+            let c2 = _mm512_shuffle_f32x4::<0x88>(b[8 + t], b[12 + t]);
+            let c3 = _mm512_shuffle_f32x4::<0xDD>(b[8 + t], b[12 + t]);
+            _mm512_storeu_ps(dst.add(t * nr), _mm512_shuffle_f32x4::<0x88>(c0, c2));
+            _mm512_storeu_ps(dst.add((4 + t) * nr), _mm512_shuffle_f32x4::<0x88>(c1, c3));
+            _mm512_storeu_ps(dst.add((8 + t) * nr), _mm512_shuffle_f32x4::<0xDD>(c0, c2));
+            _mm512_storeu_ps(dst.add((12 + t) * nr), _mm512_shuffle_f32x4::<0xDD>(c1, c3));
+        }
+    }
+}
+
+/// [`transpose16`] for 8 × 8 blocks with AVX2.
+///
+/// # Safety
+/// AVX2; 8 rows of 8 readable values at `src`, 8 rows of 8 writable values at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8(src: *const u16, k: usize, dst: *mut f32, nr: usize) {
+    // Safety: every access is inside the two blocks the caller vouches for.
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|c| {
+            let raw = _mm_loadu_si128(src.add(c * k).cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+        });
+        let a: [__m256; 8] = std::array::from_fn(|i| {
+            let (x, y) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(x, y)
+            } else {
+                _mm256_unpackhi_ps(x, y)
+            }
+        });
+        // s[4h + t] holds, in each 128-bit lane L, rows 4h..4h + 4 of column 4L + t.
+        let s: [__m256; 8] = std::array::from_fn(|i| {
+            let (h, t) = (i / 4, i % 4);
+            let (x, y) = (a[4 * h + t / 2], a[4 * h + 2 + t / 2]);
+            if t % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(x, y)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(x, y)
+            }
+        });
+        for t in 0..4 {
+            _mm256_storeu_ps(
+                dst.add(t * nr),
+                _mm256_permute2f128_ps::<0x20>(s[t], s[4 + t]),
+            );
+            _mm256_storeu_ps(
+                dst.add((4 + t) * nr),
+                _mm256_permute2f128_ps::<0x31>(s[t], s[4 + t]),
+            );
+        }
+    }
+}
+
+/// The first `rows` rows of a packed tile of `x` at `x` (`kc` columns of `mr` values) times
+/// the `kc × nr` panel, added into the `rows × cols` tile of `y` at `y` (row stride `n`).
+///
+/// # Safety
+/// The CPU runs `isa`'s kernel; `rows` ≤ the tile's rows, `cols` ≤ its columns; `x` points at
+/// `kc · mr` readable values, `panel` at `kc · nr`, `y` at `rows` rows of `cols` writable
+/// values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    isa: Isa,
+    x: *const f32,
+    rows: usize,
+    panel: *const f32,
+    kc: usize,
+    y: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    // Safety (every arm): forwarded from the caller, with `rows` equal to the kernel's `R`.
+    macro_rules! by_rows {
+        ($kernel:ident, $($r:literal)+) => {
+            match rows {
+                $($r => unsafe { $kernel::<$r>(x, panel, kc, y, n, cols) },)+
+                _ => unreachable!("{rows} rows in a tile"),
+            }
+        };
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => by_rows!(tile_avx512, 1 2 3 4 5 6 7 8 9 10 11 12),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => by_rows!(tile_avx2, 1 2 3 4 5 6),
+        _ => unreachable!("no GEMM kernel for {isa:?}"),
+    }
+}
+
+/// # Safety
+/// As [`tile`], with AVX-512F, `R` ≤ 12 rows and up to 32 columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<const R: usize>(
+    x: *const f32,
+    panel: *const f32,
+    kc: usize,
+    y: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    let mask = |v: usize| -> __mmask16 {
+        let live = cols.saturating_sub(16 * v).min(16);
+        ((1u32 << live) - 1) as __mmask16
+    };
+    let (m0, m1) = (mask(0), mask(1));
+    // Safety (all pointer arithmetic): x holds kc columns of 12 rows; the panel
+    // holds kc rows of 32; rows i < R of y hold the tile's columns, and only lanes inside
+    // `cols` are touched (masked).
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for (i, a) in acc.iter_mut().enumerate() {
+            a[0] = _mm512_maskz_loadu_ps(m0, y.add(i * n));
+            a[1] = _mm512_maskz_loadu_ps(m1, y.add(i * n + 16));
+        }
+        for p in 0..kc {
+            let b0 = _mm512_loadu_ps(panel.add(p * 32));
+            let b1 = _mm512_loadu_ps(panel.add(p * 32 + 16));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = _mm512_set1_ps(*x.add(p * 12 + i));
+                a[0] = _mm512_fmadd_ps(xi, b0, a[0]);
+                a[1] = _mm512_fmadd_ps(xi, b1, a[1]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(y.add(i * n), m0, a[0]);
+            _mm512_mask_storeu_ps(y.add(i * n + 16), m1, a[1]);
+        }
+    }
+}
+
+/// # Safety
+/// As [`tile`], with AVX2 and FMA, `R` ≤ 6 rows and up to 16 columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const R: usize>(
+    x: *const f32,
+    panel: *const f32,
+    kc: usize,
+    y: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    // Safety (all pointer arithmetic): as in `tile_avx512`; the tile's columns are read and
+    // written through a 16-value buffer when the block is narrower than 16.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut edge = [[0f32; 16]; R];
+        for (i, a) in acc.iter_mut().enumerate() {
+            let src = if cols == 16 {
+                y.add(i * n).cast_const()
+            } else {
+                std::ptr::copy_nonoverlapping(y.add(i * n), edge[i].as_mut_ptr(), cols);
+                edge[i].as_ptr()
+            };
+            a[0] = _mm256_loadu_ps(src);
+            a[1] = _mm256_loadu_ps(src.add(8));
+        }
+        for p in 0..kc {
+            let b0 = _mm256_loadu_ps(panel.add(p * 16));
+            let b1 = _mm256_loadu_ps(panel.add(p * 16 + 8));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = _mm256_set1_ps(*x.add(p * 6 + i));
+                a[0] = _mm256_fmadd_ps(xi, b0, a[0]);
+                a[1] = _mm256_fmadd_ps(xi, b1, a[1]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            if cols == 16 {
+                _mm256_storeu_ps(y.add(i * n), a[0]);
+                _mm256_storeu_ps(y.add(i * n + 8), a[1]);
+            } else {
+                _mm256_storeu_ps(edge[i].as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(edge[i].as_mut_ptr().add(8), a[1]);
+                std::ptr::copy_nonoverlapping(edge[i].as_ptr(), y.add(i * n), cols);
+            }
+        }
+    }
+}
