@@ -77,7 +77,10 @@ fn main() {
          `AVX-512` and `AVX2` are `matmul_bf16`'s register-tiled GEMM (`ops::linear::gemm`) \
          forced to one instruction set; `widened slabs` is what runs without either, slabs of \
          weights widened to f32 for the `gemm` crate; `candle f32` is candle's matmul with f32 \
-         weights. The f32 FMA peak of the machine is {fma_peak:.0} GFLOP/s \
+         weights; `q8` and `q4` are `matmul_quant` on the same weights quantized (integer \
+         dot products on AVX-512 VNNI, `ops::linear::qgemm`, with `x` rounded to int8 per \
+         group; otherwise dequantized slabs for the `gemm` crate), counting multiply-adds as \
+         two operations. The f32 FMA peak of the machine is {fma_peak:.0} GFLOP/s \
          (two threads of independent FMAs).\n\n{gemm}",
         fma_peak = fma_peak(),
         cpu = cpu_model(),
@@ -196,10 +199,14 @@ fn quant_table(bandwidth: f64) -> String {
 
 fn gemm_table() -> String {
     let mut table = String::from(
-        "| weight [n, k] | rows | AVX-512 | AVX2 | widened slabs | candle f32 |\n|---|---|---|---|---|---|\n",
+        "| weight [n, k] | rows | AVX-512 | AVX2 | widened slabs | candle f32 | q8 | q4 |\n|---|---|---|---|---|---|---|---|\n",
     );
     for &(name, n, k) in DECODER_SHAPES.iter().filter(|s| s.0 != "vocab head") {
         let weights = Weights::new(n, k);
+        let w = random_f32(n * k, 3);
+        let quant = [QuantFormat::Q8, QuantFormat::Q4]
+            .map(|f| QuantMatrix::quantize(f, &w, n, k).expect("quantize"));
+        drop(w);
         for &m in &PREFILL_ROWS {
             let x = random_f32(m * k, 2);
             let flops = 2.0 * (m * n * k) as f64;
@@ -214,6 +221,12 @@ fn gemm_table() -> String {
                 }
             }
             row += &format!(" {} |", gflops(candle_time(&weights, &x, m)));
+            for q in &quant {
+                let secs = median_secs(|_| {
+                    black_box(linear::matmul_quant(&x, m, q));
+                });
+                row += &format!(" {} |", gflops(secs));
+            }
             println!("{row}");
             table += &row;
             table += "\n";

@@ -47,6 +47,20 @@ pub struct QuantizedRows {
     blocked: bool,
 }
 
+/// Quantizes up to [`GROUP`] values of `x` to int8 with one scale `dx = max|x| / 127`
+/// (rounding half away from zero), zero-padding the rest of `out`; returns `dx`.
+pub(super) fn quantize_x_group(src: &[f32], out: &mut [i8; GROUP]) -> f32 {
+    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let dx = amax / 127.0;
+    let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
+    out.fill(0);
+    for (dst, &v) in out.iter_mut().zip(src) {
+        let r = v * inv;
+        *dst = ((r + 0.5f32.copysign(r)) as i32).clamp(-127, 127) as i8;
+    }
+    dx
+}
+
 /// Groups per block in the q4 layout: 64 bytes of packed weights, one AVX-512 register.
 const Q4_BLOCK: usize = 4;
 
@@ -64,14 +78,7 @@ impl QuantizedRows {
             let row = &x[i * k..(i + 1) * k];
             for g in 0..groups {
                 let src = &row[(g * GROUP).min(k)..((g + 1) * GROUP).min(k)];
-                let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let dx = amax / 127.0;
-                let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
-                natural.fill(0);
-                for (dst, &v) in natural.iter_mut().zip(src) {
-                    let r = v * inv;
-                    *dst = ((r + 0.5f32.copysign(r)) as i32).clamp(-127, 127) as i8;
-                }
+                let dx = quantize_x_group(src, &mut natural);
                 d[i * groups + g] = dx;
                 group_sum[i * groups + g] = natural.iter().map(|&v| v as i32).sum();
                 let out = &mut q[i * kp..(i + 1) * kp];
