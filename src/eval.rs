@@ -17,7 +17,7 @@ use crate::paligemma::PaliGemma;
 use crate::parse::parse_detections;
 use crate::preprocess::PreprocessorConfig;
 use crate::prompt;
-use crate::shapes::{Scene, ShapeKind, TaskType, caption, examples, iou, render, scene};
+use crate::shapes::{Scene, ShapeKind, TaskType, caption, examples, iou, render, scene_with};
 use crate::tokenizer::Tokenizer;
 use anyhow::Result;
 use serde::Serialize;
@@ -33,6 +33,8 @@ pub struct ShapesReport {
     pub scenes: usize,
     pub seed: u64,
     pub size: u32,
+    /// Shapes per scene: 1 to this many.
+    pub max_shapes: usize,
     /// Ground-truth shapes, and those matched by a predicted box of the right kind.
     pub objects: usize,
     pub objects_found: usize,
@@ -73,21 +75,25 @@ enum Check {
 }
 
 impl Evaluator<'_> {
-    /// Evaluates scenes `0..n` of `seed` at `size` pixels, calling `progress` after each.
+    /// Evaluates scenes `0..n` of `seed` at `size` pixels with 1 to `max_shapes` shapes
+    /// each (the scenes `paligemma shapes --max-shapes` writes), calling `progress` after
+    /// each.
     pub fn shapes(
         &self,
         seed: u64,
         n: usize,
         size: u32,
+        max_shapes: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<ShapesReport> {
         let mut report = ShapesReport {
             seed,
             size,
+            max_shapes,
             ..Default::default()
         };
         for i in 0..n {
-            self.scene(&scene(seed, i as u64, size), &mut report)?;
+            self.scene(&scene_with(seed, i as u64, size, max_shapes), &mut report)?;
             progress(i + 1);
         }
         report.finish();

@@ -437,6 +437,19 @@ fn eval_shapes_counts_the_ground_truth_of_the_held_out_scenes() {
     assert_eq!(n("caption_exact_match"), n("captions_exact") / 3.0);
     assert!(n("boxes_correct") <= n("boxes"));
 
+    // One shape per scene with --max-shapes 1: the scenes `shapes --max-shapes 1` writes.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args(["eval-shapes", "--model", model.to_str().unwrap()])
+        .args(["--n", "3", "--seed", "3", "--max-shapes", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["objects"].as_u64(), r["max_shapes"].as_u64()),
+        (Some(3), Some(1))
+    );
+
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_paligemma"))
         .args([
             "eval-shapes",

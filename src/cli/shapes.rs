@@ -84,6 +84,9 @@ pub struct EvalShapesArgs {
     /// Image side in pixels (default: the model's input size).
     #[arg(long)]
     pub size: Option<u32>,
+    /// Shapes per scene: 1 to this many (at most 3), as `paligemma shapes --max-shapes`.
+    #[arg(long, default_value_t = MAX_SHAPES)]
+    pub max_shapes: usize,
     /// Print the counts and rates as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -110,7 +113,10 @@ pub fn eval(args: EvalShapesArgs) -> Result<()> {
         tokenizer: &session.tokenizer,
         preprocessor: &session.preprocessor,
     };
-    let report = evaluator.shapes(args.seed, args.n, size, &mut |done| {
+    if !(1..=MAX_SHAPES).contains(&args.max_shapes) {
+        bail!("--max-shapes must be between 1 and {MAX_SHAPES}");
+    }
+    let report = evaluator.shapes(args.seed, args.n, size, args.max_shapes, &mut |done| {
         bar.set_position(done as u64)
     });
     bar.finish_and_clear();
@@ -119,11 +125,12 @@ pub fn eval(args: EvalShapesArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} scenes (seed {}, {size} px):\n  detection recall@0.5   {:.3} ({}/{} shapes)\n  \
+            "{} scenes (seed {}, {size} px, 1 to {} shapes):\n  detection recall@0.5   {:.3} ({}/{} shapes)\n  \
              detection precision    {:.3} ({}/{} boxes)\n  caption exact match    {:.3} ({}/{})\n  \
              VQA accuracy           {:.3} ({}/{})",
             r.scenes,
             r.seed,
+            r.max_shapes,
             r.recall,
             r.objects_found,
             r.objects,

@@ -56,6 +56,28 @@ pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `g · gelu_tanh'(x)`: the gradient of [`gelu_tanh`] for an upstream gradient `g`.
+pub fn gelu_tanh_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if x.shape() != g.shape() {
+        candle_core::bail!("gelu backward: shapes {:?} and {:?}", x.dims(), g.dims())
+    }
+    let (x, g) = (x.contiguous()?, g.contiguous()?);
+    let out = with_f32_values(&x, |xs| {
+        with_f32_values(&g, |gs| {
+            let mut out = vec![0f32; xs.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+                .for_each(|(o, (x, g))| gelu_tanh_grad_into(x, g, o));
+            out
+        })
+    })
+    .flatten();
+    match out {
+        Some(out) => Tensor::from_vec(out, x.shape(), x.device()),
+        None => candle_core::bail!("gelu backward needs f32 tensors on the CPU"),
+    }
+}
+
 /// `f` of the values of a contiguous f32 CPU tensor, or `None` for any other tensor.
 fn with_f32_values<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Option<T> {
     if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
@@ -98,6 +120,59 @@ unsafe fn gelu_avx512(x: &[f32], up: Option<&[f32]>, out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_avx2(x: &[f32], up: Option<&[f32]>, out: &mut [f32]) {
     gelu_body(x, up, out)
+}
+
+/// `out[i] = g[i] · gelu_tanh'(x[i])`, on the widest vectors this CPU has.
+pub fn gelu_tanh_grad_into(x: &[f32], g: &[f32], out: &mut [f32]) {
+    assert!(
+        x.len() == out.len() && g.len() == out.len(),
+        "gelu backward: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // Safety: the CPU has AVX-512F.
+            return unsafe { grad_avx512(x, g, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // Safety: the CPU has AVX2 and FMA.
+            return unsafe { grad_avx2(x, g, out) };
+        }
+    }
+    grad_body(x, g, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_avx512(x: &[f32], g: &[f32], out: &mut [f32]) {
+    grad_body(x, g, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_avx2(x: &[f32], g: &[f32], out: &mut [f32]) {
+    grad_body(x, g, out)
+}
+
+#[inline(always)]
+fn grad_body(x: &[f32], g: &[f32], out: &mut [f32]) {
+    for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+        *o = g * gelu_slope(x);
+    }
+}
+
+/// `gelu_tanh'(x)`. With `s = sigmoid(2u)` (so `(1 + tanh u)/2 = s` and `1 − tanh² u =
+/// 4s(1 − s)`): `s + 2x·s(1 − s)·u'`, `u' = √(2/π)·(1 + 3·0.044715·x²)`.
+#[inline(always)]
+fn gelu_slope(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let x2 = x * x;
+    let u = SQRT_2_OVER_PI * (x + 0.044715 * x2 * x);
+    let e = exp(-2.0 * u);
+    let s = 1.0 / (1.0 + e);
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x2);
+    // s(1 − s) = e·s², without the cancellation of 1 − s near 1.
+    s + 2.0 * x * (e * s * s) * du
 }
 
 /// Plain loops over fixed-size blocks so that each instruction set's compile vectorises them.
@@ -205,6 +280,27 @@ mod tests {
         assert!(gelu1(-100.0).abs() < 1e-30);
         assert_eq!(gelu1(100.0), 100.0);
         assert!(gelu1(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn slope_matches_the_derivative_of_the_tanh_form() {
+        let mut x = -10.0f32;
+        while x < 10.0 {
+            // d/dx of 0.5·x·(1 + tanh u), in f64.
+            let (xd, c, a) = (x as f64, (2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+            let t = (c * (xd + a * xd * xd * xd)).tanh();
+            let want = 0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * c * (1.0 + 3.0 * a * xd * xd);
+            let got = gelu_slope(x) as f64;
+            assert!((got - want).abs() < 1e-6, "x = {x}: {got} vs {want}");
+            x += 0.0173;
+        }
+        let xs: Vec<f32> = (0..100).map(|i| i as f32 / 10.0 - 5.0).collect();
+        let gs: Vec<f32> = (0..100).map(|i| (i as f32 * 0.3).cos()).collect();
+        let mut out = vec![0f32; 100];
+        gelu_tanh_grad_into(&xs, &gs, &mut out);
+        for i in 0..100 {
+            assert_eq!(out[i], gs[i] * gelu_slope(xs[i]));
+        }
     }
 
     #[test]

@@ -240,16 +240,10 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
         "gelu-tanh-grad",
         value,
         |args: &[&Tensor], _: &Tensor, g: &Tensor| {
-            // y = x·(1 + tanh u)/2, u = c·(x + a·x³):
-            // dy/dx = (1 + t)/2 + x·(1 − t²)·c·(1 + 3a·x²)/2, t = tanh u.
-            const C: f64 = 0.797_884_560_802_865_4;
-            const A: f64 = 0.044715;
-            let x = args[0].detach();
-            let x2 = x.sqr()?;
-            let t = ((&x + (&x * &x2)? * A)? * C)?.tanh()?;
-            let du = ((&x2 * (3.0 * A))? + 1.0)? * C;
-            let slope = (((&t + 1.0)? + ((x * (1.0 - t.sqr()?)?)? * du)?)? * 0.5)?;
-            Ok(vec![Some((g * slope)?)])
+            Ok(vec![Some(activation::gelu_tanh_backward(
+                &args[0].detach(),
+                g,
+            )?)])
         },
     ))
 }
