@@ -50,7 +50,17 @@ enum Command {
     Quantize(cli::quantize::QuantizeArgs),
 }
 
+/// How long candle's worker threads spin after each of its operations before they sleep,
+/// unless the environment says otherwise. Its default (25 000 pauses, about half a
+/// millisecond) keeps a core busy after every small operation, which on a machine with few
+/// cores takes it from the threads of our own kernels that run next.
+const CANDLE_SPIN_LIMIT: &str = "200";
+
 fn main() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Safety: nothing else runs yet; candle reads the variable when its pool starts.
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT) };
+    }
     let result = match Cli::parse().command {
         Command::Generate(args) => cli::run::generate(args),
         Command::Score(args) => cli::run::score(args),

@@ -28,8 +28,8 @@ const PANELS: usize = 8;
 /// Register tile of an instruction set: rows of `x` and columns of `y` (two vectors).
 const fn tile_shape(isa: Isa) -> (usize, usize) {
     match isa {
-        // 12 × 2 accumulators, two weight vectors and a broadcast: 27 of 32 registers.
-        Isa::Avx512 => (12, 32),
+        // 24 accumulators of one vector and a weight vector: 25 of 32 registers.
+        Isa::Avx512 => (24, 16),
         // 6 × 2 accumulators, two weight vectors and a broadcast: 15 of 16 registers.
         Isa::Avx2 => (6, 16),
         Isa::Portable => (4, 16),
@@ -331,7 +331,7 @@ unsafe fn tile(
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => by_rows!(tile_avx512, 1 2 3 4 5 6 7 8 9 10 11 12),
+        Isa::Avx512 => by_rows!(tile_avx512, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => by_rows!(tile_avx2, 1 2 3 4 5 6),
         _ => unreachable!("no GEMM kernel for {isa:?}"),
@@ -339,7 +339,7 @@ unsafe fn tile(
 }
 
 /// # Safety
-/// As [`tile`], with AVX-512F, `R` ≤ 12 rows and up to 32 columns.
+/// As [`tile`], with AVX-512F, `R` ≤ 24 rows and up to 16 columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512<const R: usize>(
@@ -350,32 +350,25 @@ unsafe fn tile_avx512<const R: usize>(
     n: usize,
     cols: usize,
 ) {
-    let mask = |v: usize| -> __mmask16 {
-        let live = cols.saturating_sub(16 * v).min(16);
-        ((1u32 << live) - 1) as __mmask16
-    };
-    let (m0, m1) = (mask(0), mask(1));
-    // Safety (all pointer arithmetic): x holds kc columns of 12 rows; the panel
-    // holds kc rows of 32; rows i < R of y hold the tile's columns, and only lanes inside
-    // `cols` are touched (masked).
+    let mask = ((1u32 << cols.min(16)) - 1) as __mmask16;
+    // Safety (all pointer arithmetic): x holds kc columns of 24 rows; the panel holds kc
+    // rows of 16; rows i < R of y hold the tile's columns, and only lanes inside `cols` are
+    // touched (masked).
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut acc = [_mm512_setzero_ps(); R];
         for (i, a) in acc.iter_mut().enumerate() {
-            a[0] = _mm512_maskz_loadu_ps(m0, y.add(i * n));
-            a[1] = _mm512_maskz_loadu_ps(m1, y.add(i * n + 16));
+            *a = _mm512_maskz_loadu_ps(mask, y.add(i * n));
         }
         for p in 0..kc {
-            let b0 = _mm512_loadu_ps(panel.add(p * 32));
-            let b1 = _mm512_loadu_ps(panel.add(p * 32 + 16));
+            let b = _mm512_loadu_ps(panel.add(p * 16));
+            // Each broadcast is used once, so it folds into its FMA as a memory operand
+            // (`{1to16}`) and costs a load, not a shuffle on the FMA pipes.
             for (i, a) in acc.iter_mut().enumerate() {
-                let xi = _mm512_set1_ps(*x.add(p * 12 + i));
-                a[0] = _mm512_fmadd_ps(xi, b0, a[0]);
-                a[1] = _mm512_fmadd_ps(xi, b1, a[1]);
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(p * 24 + i)), b, *a);
             }
         }
         for (i, a) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(y.add(i * n), m0, a[0]);
-            _mm512_mask_storeu_ps(y.add(i * n + 16), m1, a[1]);
+            _mm512_mask_storeu_ps(y.add(i * n), mask, *a);
         }
     }
 }
