@@ -16,7 +16,7 @@
 //!
 //! Grafts run on the CPU backend only, as does the rest of the crate.
 
-use crate::ops::activation;
+use crate::ops::{activation, linear};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Storage, Tensor,
 };
@@ -305,10 +305,35 @@ pub fn layer_norm(x: &Tensor, alpha: &Tensor, beta: &Tensor, eps: f32) -> Result
     x.apply_op3(alpha, beta, Graft::new("layer-norm-grad", value, backward))
 }
 
+/// `x Wᵀ` for `x` `[rows, in]` and f32 `w` `[out, in]`, on the kernel inference uses
+/// ([`linear::matmul_t`]), with the gradients `dx = g W` and `dW = gᵀ x` of whichever is
+/// tracked.
+pub fn linear_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.track_op() && !w.track_op() {
+        return linear::matmul_t(x, w);
+    }
+    let value = linear::matmul_t(&x.detach(), &w.detach())?;
+    let (want_x, want_w) = (x.track_op(), w.track_op());
+    x.apply_op2(
+        w,
+        Graft::new(
+            "linear-grad",
+            value,
+            move |args: &[&Tensor], _: &Tensor, g: &Tensor| {
+                let (x, w) = (args[0].detach(), args[1].detach());
+                Ok(vec![
+                    when(want_x, || g.matmul(&w))?,
+                    when(want_w, || g.t()?.matmul(&x))?,
+                ])
+            },
+        ),
+    )
+}
+
 /// `x Wᵀ (+ b)` for a tracked `x` `[rows, in]` and a frozen `w` `[out, in]` and bias: only
 /// `dx = g W` is computed in the backward, never the weight's gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let mut value = x.detach().matmul(&w.t()?)?;
+    let mut value = linear::matmul_t(&x.detach(), &w.detach())?;
     if let Some(b) = bias {
         value = value.broadcast_add(b)?;
     }

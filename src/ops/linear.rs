@@ -247,7 +247,7 @@ impl Linear {
             return autodiff::frozen_linear(x2, w, self.bias.as_ref());
         }
         let y = match &self.weight {
-            Weight::F32(w) => x2.matmul(&w.t()?)?,
+            Weight::F32(w) => autodiff::linear_f32(x2, w)?,
             Weight::Bf16(w) => {
                 let xs = x2.to_dtype(DType::F32)?.contiguous()?;
                 let xv = xs.flatten_all()?.to_vec1::<f32>()?;
@@ -323,11 +323,47 @@ pub fn matmul_bf16_on(isa: Isa, x: &[f32], m: usize, k: usize, w: &[u16], n: usi
     if m < GEMM_MIN_ROWS {
         gemv::gemv_bf16(isa, x, m, k, w, n, &mut y);
     } else if gemm::supports(isa) {
-        gemm::gemm_bf16(isa, x, m, k, w, n, &mut y);
+        gemm::gemm(isa, x, m, k, gemm::Weights::Bf16(w), n, &mut y);
     } else {
         return gemm_bf16(x, m, k, w, n);
     }
     y
+}
+
+/// `x` `[rows, in]` times the transpose of f32 `w` `[out, in]`: on our GEMM (the one bf16
+/// weights use, reading the f32 weights directly) when there are enough rows and this CPU has
+/// a kernel, else candle's matmul. Inference and training's forward both come here, so they
+/// compute the same values.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let isa = Isa::detect();
+    let (n, k) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let ours = rows >= GEMM_MIN_ROWS
+        && gemm::supports(isa)
+        && matches!(x.device(), Device::Cpu)
+        && (x.dtype(), w.dtype()) == (DType::F32, DType::F32);
+    if !ours {
+        return x.matmul(&w.t()?);
+    }
+    let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(wv)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        candle_core::bail!("an f32 CPU weight without its f32 storage")
+    };
+    let mut y = vec![0f32; rows * n];
+    gemm::gemm(
+        isa,
+        &xv,
+        rows,
+        k,
+        gemm::Weights::F32(&wv[start..end]),
+        n,
+        &mut y,
+    );
+    Tensor::from_vec(y, (rows, n), x.device())
 }
 
 /// Rows of `x` from which a GEMM on widened weights beats streaming them once per product.

@@ -36,17 +36,40 @@ const fn tile_shape(isa: Isa) -> (usize, usize) {
     }
 }
 
-/// Whether [`gemm_bf16`] has a kernel for `isa` (the portable setting has none: the caller
+/// Whether [`gemm`] has a kernel for `isa` (the portable setting has none: the caller
 /// uses the `gemm` crate instead).
 pub fn supports(isa: Isa) -> bool {
     isa != Isa::Portable && isa.available()
+}
+
+/// The weight matrix `[n, k]` of a product, as stored.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    Bf16(&'a [u16]),
+    F32(&'a [f32]),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::Bf16(w) => w.len(),
+            Weights::F32(w) => w.len(),
+        }
+    }
+
+    fn value(&self, i: usize) -> f32 {
+        match self {
+            Weights::Bf16(w) => f32::from_bits((w[i] as u32) << 16),
+            Weights::F32(w) => w[i],
+        }
+    }
 }
 
 /// Writes `x Wᵀ` into `y` `[m, n]` with the kernel for `isa`.
 ///
 /// # Panics
 /// If a length does not match the shapes, or if [`supports`]`(isa)` is false.
-pub fn gemm_bf16(isa: Isa, x: &[f32], m: usize, k: usize, w: &[u16], n: usize, y: &mut [f32]) {
+pub fn gemm(isa: Isa, x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, y: &mut [f32]) {
     assert!(supports(isa), "no GEMM kernel for {isa:?} on this CPU");
     assert_eq!(x.len(), m * k, "x has the wrong length");
     assert_eq!(w.len(), n * k, "w has the wrong length");
@@ -105,7 +128,7 @@ fn column_block(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &[u16],
+    w: Weights<'_>,
     n: usize,
     j0: usize,
     cols: usize,
@@ -126,7 +149,7 @@ fn column_block(
             let rows = mr.min(m - i0);
             for (q, panel) in buf.chunks_exact(kc * nr).enumerate() {
                 let c0 = q * nr;
-                // Safety: the kernel for `isa` runs on this CPU (asserted by `gemm_bf16`);
+                // Safety: the kernel for `isa` runs on this CPU (asserted by `gemm`);
                 // the tile reads columns `k0..k0 + kc` of its packed rows (`mr` values per
                 // column), the `kc × nr` panel, and reads and writes rows `i0..i0 + rows`,
                 // columns `j0 + c0..` (at most `nr`, inside `cols`) of the `[m, n]` output,
@@ -147,7 +170,7 @@ fn column_block(
 #[allow(clippy::too_many_arguments)]
 fn pack_panel(
     isa: Isa,
-    w: &[u16],
+    w: Weights<'_>,
     k: usize,
     j0: usize,
     cols: usize,
@@ -183,43 +206,65 @@ fn pack_panel(
             // bounds, c0 + b ≤ cols, p0 + b ≤ kc); the panel holds b rows of nr from p0, at
             // columns c0 .. c0 + b ≤ nr; the kernel for `isa` runs on this CPU.
             unsafe {
+                let dst = panel.as_mut_ptr().add(dst);
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => {
-                        transpose16(w.as_ptr().add(src), k, panel.as_mut_ptr().add(dst), nr)
-                    }
+                    Isa::Avx512 => transpose16(Rows::at(w, src), k, dst, nr),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => {
-                        transpose8(w.as_ptr().add(src), k, panel.as_mut_ptr().add(dst), nr)
-                    }
+                    Isa::Avx2 => transpose8(Rows::at(w, src), k, dst, nr),
                     _ => unreachable!(),
                 }
             }
         }
     }
-    let widen = |v: u16| f32::from_bits((v as u32) << 16);
     for c in 0..cols {
-        let row = &w[(j0 + c) * k + k0..(j0 + c) * k + k0 + kc];
+        let row = (j0 + c) * k + k0;
         let from = if c < full_c { full_p } else { 0 };
-        for (p, &v) in row.iter().enumerate().skip(from) {
-            panel[p * nr + c] = widen(v);
+        for p in from..kc {
+            panel[p * nr + c] = w.value(row + p);
         }
     }
 }
 
-/// Widens the 16 × 16 bf16 block at `src` (row stride `k`) and writes its transpose at `dst`
-/// (row stride `nr`): `dst[p · nr + c] = src[c · k + p]`.
+/// Where a block of weight rows starts, in either storage.
+#[derive(Clone, Copy)]
+enum Rows {
+    Bf16(*const u16),
+    F32(*const f32),
+}
+
+impl Rows {
+    /// The address of value `i` of `w`.
+    ///
+    /// # Safety
+    /// `i` must be inside `w`.
+    unsafe fn at(w: Weights<'_>, i: usize) -> Self {
+        // Safety: the caller keeps `i` inside `w`.
+        unsafe {
+            match w {
+                Weights::Bf16(w) => Rows::Bf16(w.as_ptr().add(i)),
+                Weights::F32(w) => Rows::F32(w.as_ptr().add(i)),
+            }
+        }
+    }
+}
+
+/// Reads the 16 × 16 block of weights at `src` (row stride `k`) as f32 and writes its transpose
+/// at `dst` (row stride `nr`): `dst[p · nr + c] = src[c · k + p]`.
 ///
 /// # Safety
 /// AVX-512F; 16 rows of 16 readable values at `src`, 16 rows of 16 writable values at `dst`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(src: *const u16, k: usize, dst: *mut f32, nr: usize) {
+unsafe fn transpose16(src: Rows, k: usize, dst: *mut f32, nr: usize) {
     // Safety: every access is inside the two blocks the caller vouches for.
     unsafe {
-        let r: [__m512; 16] = std::array::from_fn(|c| {
-            let raw = _mm256_loadu_si256(src.add(c * k).cast());
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        let r: [__m512; 16] = std::array::from_fn(|c| match src {
+            Rows::Bf16(p) => {
+                let raw = _mm256_loadu_si256(p.add(c * k).cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+            }
+            Rows::F32(p) => _mm512_loadu_ps(p.add(c * k)),
         });
         // Pairs of rows interleaved by 32 bits, then by 64 bits: b[4g + t] holds, in each
         // 128-bit lane L, rows 4g..4g + 4 of column 4L + t.
@@ -264,12 +309,15 @@ unsafe fn transpose16(src: *const u16, k: usize, dst: *mut f32, nr: usize) {
 /// AVX2; 8 rows of 8 readable values at `src`, 8 rows of 8 writable values at `dst`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn transpose8(src: *const u16, k: usize, dst: *mut f32, nr: usize) {
+unsafe fn transpose8(src: Rows, k: usize, dst: *mut f32, nr: usize) {
     // Safety: every access is inside the two blocks the caller vouches for.
     unsafe {
-        let r: [__m256; 8] = std::array::from_fn(|c| {
-            let raw = _mm_loadu_si128(src.add(c * k).cast());
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+        let r: [__m256; 8] = std::array::from_fn(|c| match src {
+            Rows::Bf16(p) => {
+                let raw = _mm_loadu_si128(p.add(c * k).cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+            }
+            Rows::F32(p) => _mm256_loadu_ps(p.add(c * k)),
         });
         let a: [__m256; 8] = std::array::from_fn(|i| {
             let (x, y) = (r[i & !1], r[i | 1]);
@@ -331,7 +379,9 @@ unsafe fn tile(
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => by_rows!(tile_avx512, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24),
+        Isa::Avx512 => {
+            by_rows!(tile_avx512, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => by_rows!(tile_avx2, 1 2 3 4 5 6),
         _ => unreachable!("no GEMM kernel for {isa:?}"),
@@ -417,6 +467,47 @@ unsafe fn tile_avx2<const R: usize>(
                 _mm256_storeu_ps(edge[i].as_mut_ptr(), a[0]);
                 _mm256_storeu_ps(edge[i].as_mut_ptr().add(8), a[1]);
                 std::ptr::copy_nonoverlapping(edge[i].as_ptr(), y.add(i * n), cols);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f32 weights take the same loop as bf16 ones (whose tests are in `linear`): every
+    /// kernel against an f64 reference, on shapes past the tiles' and the transposes' edges.
+    #[test]
+    fn f32_weights_match_f64_reference() {
+        let mut seed = 29u64;
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        for isa in Isa::ALL.into_iter().filter(|&isa| supports(isa)) {
+            for &(m, k, n) in &[(8, 16, 16), (25, 17, 33), (30, 300, 47), (9, 520, 16)] {
+                let (x, w) = (random(m * k), random(n * k));
+                let mut y = vec![f32::NAN; m * n];
+                gemm(isa, &x, m, k, Weights::F32(&w), n, &mut y);
+                for i in 0..m {
+                    for j in 0..n {
+                        let terms = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64);
+                        let (want, scale) =
+                            terms.fold((0f64, 0f64), |(s, a), v| (s + v, a + v.abs()));
+                        let got = y[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * scale + 1e-6,
+                            "{isa:?} ({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }
