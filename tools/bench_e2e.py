@@ -7,7 +7,8 @@ BENCHMARKS.md (between the e2e markers) and prints it.
 
 --python must have torch/transformers/numpy (tools/requirements.txt): it generates the
 checkpoint once (cached under bench-cache/) and runs the transformers peer. Without it the
-peer is skipped and said so. Measures: load, time to first token (image decode + preprocess +
+peer is skipped and said so. CANDLE_PALIGEMMA=path/to/paligemma (candle's example, built with
+`cargo build --release --example paligemma` in a checkout of candle) adds candle as a peer. Measures: load, time to first token (image decode + preprocess +
 vision + prefill + first token), decode seconds per later token, and peak RSS (/usr/bin/time).
 """
 import argparse
@@ -58,6 +59,39 @@ def peer(python, model, dtype, tokens):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     r["peak_rss_gb"] = peak_rss_gb(p.stderr)
     return r, " ".join(cmd[2:])
+
+
+def parse_duration(text):
+    """Seconds from Rust's Debug format of a Duration (`16.2s`, `850.3ms`, `12µs`)."""
+    m = re.match(r"([\d.]+)(s|ms|µs|us|ns)$", text)
+    scale = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def candle_peer(binary, model, tokens):
+    """candle's PaliGemma example (candle-examples, `--example paligemma`), f32 on the CPU,
+    on the same files. Its tokens/s counts the prefill too, so it runs twice: one new token
+    (time to first token) and `tokens` (decode = the difference per further token)."""
+    weights = ",".join(sorted(os.path.join(model, f) for f in os.listdir(model)
+                              if f.endswith(".safetensors")))
+    runs, cmd = [], None
+    for n in (1, tokens):
+        cmd = ["/usr/bin/time", "-v", binary, "--cpu", "--prompt", "caption en",
+               "--image", IMAGE, "--weight-files", weights,
+               "--tokenizer-file", os.path.join(model, "tokenizer.json"),
+               "--sample-len", str(n), "--repeat-penalty", "1"]
+        p = run(cmd)
+        if p.returncode != 0:
+            print(p.stderr[-2000:], file=sys.stderr)
+            return None, " ".join(cmd[2:])
+        load = parse_duration(re.search(r"loaded the model in (\S+)", p.stdout).group(1))
+        m = re.search(r"(\d+) tokens generated \(([\d.]+) token/s\)", p.stdout)
+        generated = int(m.group(1))
+        runs.append((load, generated, generated / float(m.group(2)), peak_rss_gb(p.stderr)))
+    (load, _, first, _), (_, n, total, rss) = runs
+    return {"load_s": load, "ttft_s": first,
+            "decode_s_per_token": (total - first) / (n - 1) if n > 1 else float("nan"),
+            "new_tokens": n, "peak_rss_gb": rss}, " ".join(cmd[2:])
 
 
 def machine():
@@ -119,6 +153,10 @@ def main():
         for dtype in ("f32",):
             r, cmd = peer(args.python, model, dtype, args.tokens)
             rows.append((f"transformers 5.24 (torch CPU, eager), {dtype}", r, cmd))
+    candle = os.environ.get("CANDLE_PALIGEMMA")
+    if candle and not args.skip_peer:
+        r, cmd = candle_peer(candle, model, args.tokens)
+        rows.append(("candle 0.11 `paligemma` example, f32", r, cmd))
 
     def fmt(r, key, unit):
         return "failed" if r is None else f"{r[key]:.2f} {unit}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the small PaliGemma of models/demo-init from scratch on synthetic shapes into
 # models/demo, the model behind `--model demo`:
-#   tools/train_demo.sh [WORK_DIR]     (default: bench-cache/demo; about an hour on 2 cores)
+#   tools/train_demo.sh [WORK_DIR]     (default: bench-cache/demo; about 1.5 hours on 2 cores)
 # Each phase is resumable: run the script again after an interruption and it goes on.
 #
 # Why phases: trained on the whole mixture from the start, a model this small learns the text
@@ -9,10 +9,14 @@
 # image; the many hard location tokens also drown the weak early signal of the image. So it
 #   1. looks: captions, "how many shapes" and colour questions only (no boxes), until colours
 #      and counts come from the image;
-#   2. locates: every task, but per-kind questions only about kinds that are present;
-#   3. learns absence: the full mixture, with "0" counts and empty detections, at a lower rate.
-# Data seed 1 for training; seed 3 is the held-out set of README's figures
-# (`paligemma eval-shapes --model demo`), never trained on.
+#   2. finds: scenes of one shape, every task, detections twice over, until the boxes follow
+#      the shape (a single object is the easiest start: no order, no confusion);
+#   3. locates: scenes of one to three shapes, per-kind questions only about kinds present,
+#      detections twice over;
+#   4. learns absence: the full mixture with "0" counts, and a third of its empty detections
+#      (all of them teach a young model to answer `detect` with nothing), at a lower rate.
+# Data seed 1 for training; seed 2 for the held-out losses logged while training; seed 3 is
+# the held-out set of README's figures (`paligemma eval-shapes --model demo`), never trained on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-bench-cache/demo}
@@ -22,28 +26,44 @@ mkdir -p "$work"
 [ -f "$work/train/meta.json" ] || $bin shapes --out "$work/train" --n 6000 --seed 1 --size 112
 [ -f "$work/train-present/meta.json" ] ||
   $bin shapes --out "$work/train-present" --n 6000 --seed 1 --size 112 --present-only
-# Phase 1's data: the present-only lines without detections and without per-kind counts
-# (scene order kept, so the file and hence the run are the same everywhere).
+[ -f "$work/train-single/meta.json" ] ||
+  $bin shapes --out "$work/train-single" --n 6000 --seed 1 --size 112 --max-shapes 1 --present-only
+[ -f "$work/eval-single/meta.json" ] ||
+  $bin shapes --out "$work/eval-single" --n 100 --seed 2 --size 112 --max-shapes 1 --present-only
+[ -f "$work/eval/meta.json" ] || $bin shapes --out "$work/eval" --n 100 --seed 2 --size 112
+# Each phase's file is made from the generated ones, in a fixed order, so the run is the same
+# everywhere. Phase 1: the present-only lines without detections and without per-kind counts.
 grep -v '"prefix":"detect' "$work/train-present/train.jsonl" |
   grep -v 'how many \(circle\|square\|triangle\|star\|hexagon\)s are' > "$work/train-present/look.jsonl"
+# Phases 2 and 3: every line, then the detections once more.
+twice_detect() { cat "$1"; grep '"prefix":"detect' "$1"; }
+twice_detect "$work/train-single/train.jsonl" > "$work/train-single/find.jsonl"
+twice_detect "$work/train-present/train.jsonl" > "$work/train-present/locate.jsonl"
+# Phase 4: the full mixture, keeping every third empty detection.
+awk '/"prefix":"detect/ && /"suffix":""/ { e++; if (e % 3 != 0) next } { print }' \
+  "$work/train/train.jsonl" > "$work/train/absent.jsonl"
 
-# phase NAME FROM DATA STEPS LR WARMUP: one `train --train all` run into $work/NAME, resumed
-# if it was interrupted, skipped when finished. FROM is `init` (random start) or a phase.
+# phase NAME FROM DATA EVAL STEPS LR WARMUP: one `train --train all` run into $work/NAME,
+# resumed if it was interrupted, skipped when finished. FROM is `init` (random start) or a
+# phase; EVAL a held-out file whose loss is logged every 250 steps (or `-`): the detections
+# of the held-out scenes, which `shapes` also writes to `detect.jsonl`.
 phase() {
-  local name=$1 from=$2 data=$3 steps=$4 lr=$5 warmup=$6 start=(--model "$work/$2")
+  local name=$1 from=$2 data=$3 eval=$4 steps=$5 lr=$6 warmup=$7 start=(--model "$work/$2")
   [ "$from" = init ] && start=(--init models/demo-init)
-  local out="$work/$name" resume=()
+  local out="$work/$name" resume=() held_out=()
+  [ "$eval" = - ] || held_out=(--eval "$eval" --eval-every 250)
   if [ -f "$out/trainer_state.json" ]; then
     grep -q "\"step\": $steps," "$out/trainer_state.json" && return 0
     resume=(--resume)
   fi
   $bin train "${start[@]}" --data "$data" --out "$out" --train all --steps "$steps" \
-    --batch-size 16 --lr "$lr" --warmup "$warmup" --seed 0 --save-every 100 --log-every 10 \
-    "${resume[@]}"
+    --batch-size 16 --lr "$lr" --warmup "$warmup" --seed 0 --save-every 250 --log-every 10 \
+    "${held_out[@]}" "${resume[@]}"
 }
-phase look init "$work/train-present/look.jsonl" 1000 1e-3 30
-phase locate look "$work/train-present/train.jsonl" 1500 5e-4 50
-phase absent locate "$work/train/train.jsonl" 600 3e-4 50
+phase look init "$work/train-present/look.jsonl" - 1000 1e-3 30
+phase find look "$work/train-single/find.jsonl" "$work/eval-single/detect.jsonl" 2500 5e-4 50
+phase locate find "$work/train-present/locate.jsonl" "$work/eval/detect.jsonl" 2000 4e-4 50
+phase absent locate "$work/train/absent.jsonl" "$work/eval/detect.jsonl" 800 3e-4 50
 
 # The committed model: weights, configuration, tokenizer and the last phase's training log (no
 # optimizer state).
@@ -52,5 +72,5 @@ for f in model.safetensors config.json tokenizer.json tokenizer_config.json \
          preprocessor_config.json generation_config.json; do
   cp "$work/absent/$f" models/demo/
 done
-cat "$work"/{look,locate,absent}/log.jsonl > models/demo/log.jsonl
+cat "$work"/{look,find,locate,absent}/log.jsonl > models/demo/log.jsonl
 echo "models/demo updated"
