@@ -193,6 +193,8 @@ fn a_resumed_run_equals_a_straight_run() {
         "0.1",
         "--seed",
         "5",
+        "--log-every",
+        "1",
     ];
     ok(&dir, &train_args("straight", &common));
     let first = ok(
@@ -229,6 +231,16 @@ fn a_resumed_run_equals_a_straight_run() {
             "{f} differs"
         );
     }
+    // The resumed log lists each step once, as the straight run's does.
+    let steps = |run: &str| -> Vec<(String, u64)> {
+        std::fs::read_to_string(dir.join(run).join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| (v["type"].to_string(), v["step"].as_u64().unwrap()))
+            .collect()
+    };
+    assert_eq!(steps("split"), steps("straight"));
     // Resuming with other settings is refused, naming the setting.
     let mut changed = resume.clone();
     let lr = changed.iter().position(|a| *a == "1e-3").unwrap();

@@ -237,17 +237,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ..Default::default()
     };
     let mut opt = AdamW::new(run.params.clone(), cfg)?;
-    let cursor = if args.resume {
+    let (cursor, resumed_at) = if args.resume {
         let (state, moments) = checkpoint::load_state(&args.out, run.weights_file())?;
         settings.check_same(&state.settings)?;
         checkpoint::restore_optimizer(&mut opt, &state, &moments)?;
-        state.data
+        (state.data, Some(state.step))
     } else {
-        Cursor::default()
+        (Cursor::default(), None)
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let log = Log::open(&args.out.join("log.jsonl"), args.resume)?;
+    let log = Log::open(&args.out.join("log.jsonl"), resumed_at)?;
     train_loop(&args, &mut run, &mut opt, settings, cursor, log)
 }
 
@@ -542,23 +542,59 @@ pub fn merge_lora(args: MergeLoraArgs) -> Result<()> {
     Ok(())
 }
 
+/// The lines of a log whose `step` is at most `step` (lines without one, or unreadable, are kept).
+fn lines_up_to(text: &str, step: usize) -> String {
+    text.lines()
+        .filter(|line| {
+            let logged = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+            logged.is_none_or(|s| s as usize <= step)
+        })
+        .flat_map(|line| [line, "\n"])
+        .collect()
+}
+
 /// `log.jsonl`: one JSON object per line, flushed as written so a crash keeps what was logged.
 struct Log(File);
 
 impl Log {
-    fn open(path: &Path, append: bool) -> Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
-            .open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+    /// A fresh log, or when resuming from `step`, the old one without the lines logged after the
+    /// saved step: those steps run again and would otherwise appear twice.
+    fn open(path: &Path, resumed_at: Option<usize>) -> Result<Self> {
+        let kept = match resumed_at {
+            Some(step) => match std::fs::read_to_string(path) {
+                Ok(text) => lines_up_to(&text, step),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            },
+            None => String::new(),
+        };
+        let mut file =
+            File::create(path).with_context(|| format!("cannot open {}", path.display()))?;
+        file.write_all(kept.as_bytes())?;
         Ok(Self(file))
     }
 
     fn write(&mut self, value: serde_json::Value) -> Result<()> {
         writeln!(self.0, "{value}")?;
         Ok(self.0.flush()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lines_up_to;
+
+    #[test]
+    fn resuming_drops_the_lines_logged_after_the_saved_step() {
+        let log = "{\"step\":10,\"type\":\"train\"}\n{\"note\":\"no step\"}\n\
+                   {\"step\":20,\"type\":\"eval\"}\n{\"step\":30,\"type\":\"train\"}\n";
+        assert_eq!(
+            lines_up_to(log, 20),
+            "{\"step\":10,\"type\":\"train\"}\n{\"note\":\"no step\"}\n{\"step\":20,\"type\":\"eval\"}\n"
+        );
+        assert_eq!(lines_up_to(log, 5), "{\"note\":\"no step\"}\n");
+        assert_eq!(lines_up_to("", 5), "");
     }
 }
