@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the small PaliGemma of models/demo-init from scratch on synthetic shapes into
 # models/demo, the model behind `--model demo`:
-#   tools/train_demo.sh [WORK_DIR]     (default: bench-cache/demo; about 1.5 hours on 2 cores)
+#   tools/train_demo.sh [WORK_DIR]     (default: bench-cache/demo; about 2 hours on 2 cores)
 # Each phase is resumable: run the script again after an interruption and it goes on.
 #
 # Why phases: trained on the whole mixture from the start, a model this small learns the text
@@ -14,7 +14,8 @@
 #   3. locates: scenes of one to three shapes, per-kind questions only about kinds present,
 #      detections twice over;
 #   4. counts: the full mixture with its "0" counts, but no empty detections;
-#   5. refines: the same with the detections twice over, longer.
+#   5. refines: the same with the detections twice over, longer;
+#   6. polishes: the same again in another order (data seed), a last cosine cycle.
 # Empty detections (`detect star` on a scene without one: a third of the full mixture's
 # detections) are left out on purpose: with them, greedy decoding answers every `detect` with
 # nothing, because the model's probability for a box is spread over many neighbouring <loc>
@@ -53,7 +54,7 @@ twice_detect "$work/train/counts.jsonl" > "$work/train/refine.jsonl"
 # phase; EVAL a held-out file whose loss is logged every 250 steps (or `-`): the detections
 # of the held-out scenes, which `shapes` also writes to `detect.jsonl`.
 phase() {
-  local name=$1 from=$2 data=$3 eval=$4 steps=$5 lr=$6 warmup=$7 start=(--model "$work/$2")
+  local name=$1 from=$2 data=$3 eval=$4 steps=$5 lr=$6 warmup=$7 seed=${8:-0} start=(--model "$work/$2")
   [ "$from" = init ] && start=(--init models/demo-init)
   local out="$work/$name" resume=() held_out=()
   [ "$eval" = - ] || held_out=(--eval "$eval" --eval-every 250)
@@ -62,7 +63,7 @@ phase() {
     resume=(--resume)
   fi
   $bin train "${start[@]}" --data "$data" --out "$out" --train all --steps "$steps" \
-    --batch-size 16 --lr "$lr" --warmup "$warmup" --seed 0 --save-every 250 --log-every 10 \
+    --batch-size 16 --lr "$lr" --warmup "$warmup" --seed "$seed" --save-every 250 --log-every 10 \
     "${held_out[@]}" "${resume[@]}"
 }
 phase look init "$work/train-present/look.jsonl" - 1000 1e-3 30
@@ -70,13 +71,14 @@ phase find look "$work/train-single/find.jsonl" "$work/eval-single/detect.jsonl"
 phase locate find "$work/train-present/locate.jsonl" "$work/eval/detect.jsonl" 2000 4e-4 50
 phase counts locate "$work/train/counts.jsonl" - 800 3e-4 50
 phase refine counts "$work/train/refine.jsonl" - 2500 3e-4 50
+phase polish refine "$work/train/refine.jsonl" - 3000 3e-4 50 1
 
-# The committed model: weights, configuration, tokenizer and the last phase's training log (no
+# The committed model: weights, configuration, tokenizer and every phase's training log (no
 # optimizer state).
 mkdir -p models/demo
 for f in model.safetensors config.json tokenizer.json tokenizer_config.json \
          preprocessor_config.json generation_config.json; do
-  cp "$work/refine/$f" models/demo/
+  cp "$work/polish/$f" models/demo/
 done
-cat "$work"/{look,find,locate,counts,refine}/log.jsonl > models/demo/log.jsonl
+cat "$work"/{look,find,locate,counts,refine,polish}/log.jsonl > models/demo/log.jsonl
 echo "models/demo updated"
