@@ -16,6 +16,7 @@ use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -186,7 +187,10 @@ async fn gatekeeper(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
         .find(|e| *e == path)
         .unwrap_or("other");
     let response = match admit(&app, &req, endpoint) {
-        Err(e) => e.into_response(),
+        Err(e) => {
+            discard_body(req, app.limits.max_body_bytes).await;
+            e.into_response()
+        }
         Ok(permit) => {
             app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
             let _counted = InFlight(&app.metrics);
@@ -201,6 +205,23 @@ async fn gatekeeper(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
         t0.elapsed().as_secs_f64(),
     );
     response
+}
+
+/// Reads and drops what the client is still sending of a refused request (up to `limit` bytes,
+/// for at most a second). Answering from the headers alone would close the connection under a
+/// client still writing its body, which then reports a broken pipe instead of the refusal.
+async fn discard_body(req: Request, limit: usize) {
+    let mut data = req.into_body().into_data_stream();
+    let mut read = 0;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Some(Ok(chunk)) = data.next().await {
+            read += chunk.len();
+            if read > limit {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn admit(
