@@ -168,7 +168,7 @@ impl Evaluator<'_> {
             strategy: Strategy::Greedy,
             eos_token_ids: cfg.eos_token_ids.clone(),
         };
-        generate(self.model, &requests, &opts, &mut |_, _| {})?
+        generate(self.model, &requests, &opts, &mut |_| {})?
             .iter()
             .map(|g| Ok(self.tokenizer.decode(&g.tokens, true)?))
             .collect()

@@ -66,6 +66,18 @@ impl<'m> Batch<'m> {
         requests: &[Request],
         max_new_tokens: usize,
     ) -> Result<(Self, Tensor)> {
+        let features = image_features(model, requests)?;
+        Self::prefill_features(model, requests, &features, max_new_tokens)
+    }
+
+    /// [`Batch::prefill`] with the requests' image features already computed
+    /// ([`image_features`]).
+    pub fn prefill_features(
+        model: &'m PaliGemma,
+        requests: &[Request],
+        features: &[Option<Tensor>],
+        max_new_tokens: usize,
+    ) -> Result<(Self, Tensor)> {
         if requests.is_empty() {
             bail!("nothing to generate: no requests");
         }
@@ -74,12 +86,10 @@ impl<'m> Batch<'m> {
         if width == 0 {
             bail!("empty prompt");
         }
-        let pixels: Vec<Option<Tensor>> = requests.iter().map(|r| r.pixels.clone()).collect();
-        let features = model.row_features(&pixels)?;
         let hidden = model.config.text.hidden_size;
         let mut rows = Vec::with_capacity(requests.len());
         let mut embeds = Vec::with_capacity(requests.len());
-        for (req, feats) in requests.iter().zip(&features) {
+        for (req, feats) in requests.iter().zip(features) {
             let pad = width - req.ids.len();
             let mut row = RowLayout::default();
             (0..pad).for_each(|_| row.push(false, false));
@@ -319,13 +329,30 @@ pub fn log_probs(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(lp.to_vec2::<f32>()?)
 }
 
-/// Generates for every request; `on_token(row, id)` sees each token as it is chosen
-/// (not called for the stop token, nor for beam search, whose tokens are only known at the end).
+/// The image features of each request (`None` for a request without images), each distinct
+/// pixel tensor encoded once.
+pub fn image_features(model: &PaliGemma, requests: &[Request]) -> Result<Vec<Option<Tensor>>> {
+    let pixels: Vec<Option<Tensor>> = requests.iter().map(|r| r.pixels.clone()).collect();
+    model.row_features(&pixels)
+}
+
+/// What [`generate`] reports while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The images (if any) are encoded; the prefill of the decoder starts.
+    ImagesEncoded,
+    /// `row` chose `id` (not reported for the stop token, nor for beam search, whose tokens are
+    /// only known at the end).
+    Token { row: usize, id: u32 },
+}
+
+/// Generates for every request; `on_progress` sees the images encoded and each token as it is
+/// chosen.
 pub fn generate(
     model: &PaliGemma,
     requests: &[Request],
     opts: &GenerateOptions,
-    on_token: &mut dyn FnMut(usize, u32),
+    on_progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<Generated>> {
     if opts.eos_token_ids.is_empty() {
         bail!("no stop token configured");
@@ -333,9 +360,9 @@ pub fn generate(
     match &opts.strategy {
         Strategy::Beam { num_beams } => requests
             .iter()
-            .map(|r| beam_search(model, r, *num_beams, opts))
+            .map(|r| beam_search(model, r, *num_beams, opts, on_progress))
             .collect(),
-        strategy => sample_batch(model, requests, strategy, opts, on_token),
+        strategy => sample_batch(model, requests, strategy, opts, on_progress),
     }
 }
 
@@ -344,7 +371,7 @@ fn sample_batch(
     requests: &[Request],
     strategy: &Strategy,
     opts: &GenerateOptions,
-    on_token: &mut dyn FnMut(usize, u32),
+    on_progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<Generated>> {
     let n = requests.len();
     let mut out: Vec<Generated> = (0..n)
@@ -370,7 +397,10 @@ fn sample_batch(
             _ => None,
         })
         .collect();
-    let (mut batch, mut logits) = Batch::prefill(model, requests, opts.max_new_tokens)?;
+    let features = image_features(model, requests)?;
+    on_progress(Progress::ImagesEncoded);
+    let (mut batch, mut logits) =
+        Batch::prefill_features(model, requests, &features, opts.max_new_tokens)?;
     let mut done = vec![false; n];
     for step in 0..opts.max_new_tokens {
         let lps = log_probs(&logits)?;
@@ -390,7 +420,7 @@ fn sample_batch(
                 done[i] = true;
             } else {
                 out[i].tokens.push(token);
-                on_token(i, token);
+                on_progress(Progress::Token { row: i, id: token });
             }
         }
         if done.iter().all(|&d| d) || step + 1 == opts.max_new_tokens {
@@ -410,14 +440,18 @@ fn beam_search(
     request: &Request,
     beams: usize,
     opts: &GenerateOptions,
+    on_progress: &mut dyn FnMut(Progress),
 ) -> Result<Generated> {
     if beams == 0 {
         bail!("--num-beams must be at least 1");
     }
     let eos = opts.eos_token_ids[0];
     let mut best: Option<(f32, Vec<u32>, Vec<f32>)> = None;
+    let request = std::slice::from_ref(request);
+    let features = image_features(model, request)?;
+    on_progress(Progress::ImagesEncoded);
     let (mut batch, logits) =
-        Batch::prefill(model, std::slice::from_ref(request), opts.max_new_tokens)?;
+        Batch::prefill_features(model, request, &features, opts.max_new_tokens)?;
     batch.reorder(&vec![0; beams])?;
     let mut logits = logits.repeat((beams, 1))?;
     // Only the first beam is real at the start; the copies must not be picked twice.

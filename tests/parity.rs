@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use paligemma::checkpoint::ModelFiles;
-use paligemma::generate::{Batch, GenerateOptions, Request, Strategy, generate};
+use paligemma::generate::{Batch, GenerateOptions, Progress, Request, Strategy, generate};
 use paligemma::ops::linear::WeightFormat;
 use paligemma::paligemma::PaliGemma;
 use paligemma::preprocess::PreprocessorConfig;
@@ -215,14 +215,25 @@ fn greedy_decoding_matches_and_cached_steps_equal_a_full_forward() {
             "{name}: the fixture should decode at least 16 tokens"
         );
         let req = c.prefix_request();
+        let mut events = Vec::new();
         let out = generate(
             &c.model,
             std::slice::from_ref(&req),
             &greedy(20, eos),
-            &mut |_, _| {},
+            &mut |p| events.push(p),
         )
         .unwrap();
         assert_eq!(with_eos(&out[0], eos), want, "{name}: greedy tokens");
+        // The images are reported encoded first, then each token but the stop token.
+        let reported: Vec<Progress> = std::iter::once(Progress::ImagesEncoded)
+            .chain(
+                out[0]
+                    .tokens
+                    .iter()
+                    .map(|&id| Progress::Token { row: 0, id }),
+            )
+            .collect();
+        assert_eq!(events, reported, "{name}: progress");
 
         // Teacher-force the reference tokens through the cache: every step's logits match
         // transformers' cached decode, and a single full forward over the same sequence.
@@ -274,7 +285,7 @@ fn beam_search_matches_big_vision() {
             },
             eos_token_ids: vec![eos],
         };
-        let out = generate(&c.model, &[c.prefix_request()], &opts, &mut |_, _| {}).unwrap();
+        let out = generate(&c.model, &[c.prefix_request()], &opts, &mut |_| {}).unwrap();
         assert_eq!(
             with_eos(&out[0], eos),
             c.json_ids(&beam["tokens"]),
@@ -317,13 +328,13 @@ fn batched_generation_equals_single_and_reference() {
         "rows must need padding"
     );
     let n = c.json["batch"]["max_new_tokens"].as_u64().unwrap() as usize;
-    let batched = generate(&c.model, &requests, &greedy(n, eos), &mut |_, _| {}).unwrap();
+    let batched = generate(&c.model, &requests, &greedy(n, eos), &mut |_| {}).unwrap();
     for (i, (row, req)) in rows.iter().zip(&requests).enumerate() {
         let single = generate(
             &c.model,
             std::slice::from_ref(req),
             &greedy(n, eos),
-            &mut |_, _| {},
+            &mut |_| {},
         )
         .unwrap();
         assert_eq!(

@@ -201,7 +201,7 @@ fn rows_joining_and_leaving_decode_as_they_do_alone() {
                 ids: s.ids.clone(),
                 pixels: Some(s.pixels.clone()),
             };
-            let alone = generate(&model, &[request], &opts, &mut |_, _| {})
+            let alone = generate(&model, &[request], &opts, &mut |_| {})
                 .unwrap()
                 .remove(0);
             assert_eq!(tokens, &alone.tokens, "{case} sequence {i}: tokens");
@@ -231,7 +231,7 @@ fn a_row_alone_is_bit_identical_to_generate() {
         ids: seqs[0].ids.clone(),
         pixels: Some(seqs[0].pixels.clone()),
     };
-    let alone = generate(&model, &[request], &opts, &mut |_, _| {})
+    let alone = generate(&model, &[request], &opts, &mut |_| {})
         .unwrap()
         .remove(0);
     assert_eq!(solo.0, alone.tokens);

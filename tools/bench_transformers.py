@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The transformers peer for tools/bench_e2e.py: one greedy generation, timed like ours.
 
-Prints one JSON line: load_s (from_pretrained), ttft_s (preprocessing + vision + prefill + first
-token), decode_s_per_token (later tokens), new_tokens, peak_rss_gb.
+Prints one JSON line: load_s (from_pretrained), vision_s (image decoding, preprocessing, vision
+tower and projector), ttft_s (that + prefill + first token), decode_s_per_token (later tokens),
+new_tokens, peak_rss_gb.
 
     python tools/bench_transformers.py --model DIR --image IMG --prompt "caption en" \
         --max-new-tokens 32 --dtype f32
@@ -55,6 +56,10 @@ def main():
     load_s = time.perf_counter() - t0
 
     clock = Clock()
+    # The projector's output is the end of the vision stage inside generate().
+    projector = next(m for name, m in model.named_modules() if name.endswith("multi_modal_projector"))
+    encoded = []
+    projector.register_forward_hook(lambda *_: encoded.append(time.perf_counter()))
     start = time.perf_counter()
     image = Image.open(args.image).convert("RGB")
     inputs = processor(text=args.prompt, images=image, return_tensors="pt")
@@ -65,7 +70,7 @@ def main():
     ttft = times[0] - start
     per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-    print(json.dumps({"load_s": load_s, "ttft_s": ttft, "decode_s_per_token": per_token,
+    print(json.dumps({"load_s": load_s, "vision_s": encoded[0] - start, "ttft_s": ttft, "decode_s_per_token": per_token,
                       "new_tokens": len(times), "peak_rss_gb": peak_gb}))
 
 

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use paligemma::checkpoint::ModelFiles;
-use paligemma::generate::{GenerateOptions, Generated, Request, Strategy, generate};
+use paligemma::generate::{GenerateOptions, Generated, Progress, Request, Strategy, generate};
 use paligemma::ops::linear::WeightFormat;
 use paligemma::ops::linear::quant::QuantFormat;
 use paligemma::paligemma::PaliGemma;
@@ -221,12 +221,20 @@ impl Session {
             eos_token_ids: cfg.eos_token_ids.clone(),
         };
         let t0 = Instant::now();
+        let mut encoded: Option<f64> = None;
         let mut first_token: Option<f64> = None;
         let stream = stream && requests.len() == 1;
         let mut text_stream = self.tokenizer.stream(true);
         let mut stdout = std::io::stdout();
         let mut stream_err: Option<anyhow::Error> = None;
-        let outputs = generate(&self.model, &requests, &opts, &mut |_, id| {
+        let outputs = generate(&self.model, &requests, &opts, &mut |progress| {
+            let id = match progress {
+                Progress::ImagesEncoded => {
+                    encoded.get_or_insert(t0.elapsed().as_secs_f64());
+                    return;
+                }
+                Progress::Token { id, .. } => id,
+            };
             first_token.get_or_insert(t0.elapsed().as_secs_f64());
             if stream && stream_err.is_none() {
                 match text_stream.push(id) {
@@ -251,7 +259,8 @@ impl Session {
         }
         let total: usize = outputs.iter().map(|o| o.tokens.len()).sum();
         eprintln!(
-            "{total} tokens in {elapsed:.2}s (first token after {:.2}s)",
+            "{total} tokens in {elapsed:.2}s (images encoded after {:.2}s, first token after {:.2}s)",
+            encoded.unwrap_or(0.0),
             first_token.unwrap_or(elapsed)
         );
         outputs

@@ -428,7 +428,7 @@ impl<'m> Scheduler<'m> {
             pixels: Some(g.pixels),
         };
         let prompt_tokens = request.ids.len();
-        let result = generate(&served.model, &[request], &opts, &mut |_, _| {})
+        let result = generate(&served.model, &[request], &opts, &mut |_| {})
             .map_err(model_failed)?
             .remove(0);
         self.metrics.first_token(queued_at.elapsed().as_secs_f64());
