@@ -130,7 +130,7 @@ fn held_out_scores_stay_at_readme_levels() {
     ]);
     assert_eq!(r["scenes"], 20);
     let rate = |k: &str| r[k].as_f64().unwrap();
-    // README's 200 scenes: recall 0.348, caption exact match 0.130, VQA 0.676. The recall and
+    // README's 200 scenes: recall 0.407, caption exact match 0.130, VQA 0.677. The recall and
     // VQA bounds sit about two standard deviations of a 20-scene sample (40 shapes, 150
     // questions) below those, the caption bound at one exact caption in 20; all are above what
     // a model that stopped reading the image scores (recall and caption 0, VQA 0.52).
@@ -139,6 +139,6 @@ fn held_out_scores_stay_at_readme_levels() {
     assert!(rate("vqa_accuracy") >= VQA_MIN, "{r}");
 }
 
-const RECALL_MIN: f64 = 0.2;
+const RECALL_MIN: f64 = 0.25;
 const CAPTION_MIN: f64 = 0.05;
 const VQA_MIN: f64 = 0.6;

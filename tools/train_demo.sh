@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the small PaliGemma of models/demo-init from scratch on synthetic shapes into
 # models/demo, the model behind `--model demo`:
-#   tools/train_demo.sh [WORK_DIR]     (default: bench-cache/demo; about 2 hours on 2 cores)
+#   tools/train_demo.sh [WORK_DIR]     (default: bench-cache/demo; about 2.5 hours on 2 cores)
 # Each phase is resumable: run the script again after an interruption and it goes on.
 #
 # Why phases: trained on the whole mixture from the start, a model this small learns the text
@@ -15,7 +15,8 @@
 #      detections twice over;
 #   4. counts: the full mixture with its "0" counts, but no empty detections;
 #   5. refines: the same with the detections twice over, longer;
-#   6. polishes: the same again in another order (data seed), a last cosine cycle.
+#   6. polishes and 7. settles: the same again, each in another order (data seed), two more
+#      cosine cycles, the last at a lower rate.
 # Empty detections (`detect star` on a scene without one: a third of the full mixture's
 # detections) are left out on purpose: with them, greedy decoding answers every `detect` with
 # nothing, because the model's probability for a box is spread over many neighbouring <loc>
@@ -72,13 +73,14 @@ phase locate find "$work/train-present/locate.jsonl" "$work/eval/detect.jsonl" 2
 phase counts locate "$work/train/counts.jsonl" - 800 3e-4 50
 phase refine counts "$work/train/refine.jsonl" - 2500 3e-4 50
 phase polish refine "$work/train/refine.jsonl" - 3000 3e-4 50 1
+phase settle polish "$work/train/refine.jsonl" - 3000 2e-4 50 2
 
 # The committed model: weights, configuration, tokenizer and every phase's training log (no
 # optimizer state).
 mkdir -p models/demo
 for f in model.safetensors config.json tokenizer.json tokenizer_config.json \
          preprocessor_config.json generation_config.json; do
-  cp "$work/polish/$f" models/demo/
+  cp "$work/settle/$f" models/demo/
 done
-cat "$work"/{look,find,locate,counts,refine,polish}/log.jsonl > models/demo/log.jsonl
+cat "$work"/{look,find,locate,counts,refine,polish,settle}/log.jsonl > models/demo/log.jsonl
 echo "models/demo updated"
